@@ -1,0 +1,67 @@
+"""The ``attrctl`` command line: a thin Typer layer over the library.
+
+Each command group lives in its own module and only parses arguments, calls one library
+function and prints. User errors (:class:`attrctl.errors.AttrctlError`) become one clear message
+on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import typer
+
+from attrctl.errors import AttrctlError
+
+app = typer.Typer(
+    name="attrctl",
+    help="Fine-tune language models under attribute-control policies (NADO-regularized KL).",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+_DEBUG = {"on": False}
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
+) -> None:
+    _DEBUG["on"] = debug
+
+
+def _register() -> None:
+    # Imported here, not at module top, so `attrctl --help` stays fast and each group owns its file.
+    from attrctl.cli import assets, bench, data, models, oracle, policy, stubs
+
+    app.add_typer(policy.app, name="policy")
+    app.add_typer(models.app, name="models")
+    app.add_typer(oracle.app, name="oracle")
+    app.add_typer(data.app, name="data")
+    app.add_typer(assets.app, name="assets")
+    app.add_typer(bench.app, name="bench")
+    stubs.register(app)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console-script entry point. Returns the process exit code."""
+    _register()
+    args = sys.argv[1:] if argv is None else argv
+    _DEBUG["on"] = "--debug" in args
+    try:
+        # standalone mode: click prints usage errors itself and exits 2; we add AttrctlError.
+        app(args=args, standalone_mode=True)
+    except AttrctlError as err:
+        if _DEBUG["on"]:
+            raise
+        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        return err.exit_code
+    except SystemExit as ex:
+        code = ex.code
+        return code if isinstance(code, int) else (0 if code is None else 1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

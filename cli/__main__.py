@@ -1,0 +1,3 @@
+from attrctl.cli import main
+
+raise SystemExit(main())
