@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator, model_validator
 
-from attrctl.policy.types import InputPath, StrictModel
+from attrctl.strict import InputPath, StrictModel
 
 
 class LexiconSpec(StrictModel):

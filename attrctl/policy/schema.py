@@ -9,12 +9,14 @@ policy file's folder; ``output_dir`` resolves against the directory attrctl runs
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import (
     ConfigDict,
     Discriminator,
     Field,
+    PrivateAttr,
     Tag,
     ValidationInfo,
     field_validator,
@@ -29,7 +31,7 @@ from attrctl.oracles.specs import (
     RegexSpec,
     VaderSpec,
 )
-from attrctl.policy.types import InputPath, StrictModel, base_dir_of
+from attrctl.strict import InputPath, StrictModel, base_dir_of
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 BUNDLED_CORPORA = ("shakespeare",)
@@ -182,8 +184,6 @@ class SynthSource(_SourceBase):
             if item in BUNDLED_PROMPT_SETS:
                 out.append(item)
                 continue
-            from pathlib import Path
-
             path = Path(item).expanduser()
             if not path.is_absolute():
                 path = base_dir_of(info) / path
@@ -359,6 +359,18 @@ class Policy(StrictModel):
     )
     seed: int = Field(0, ge=0, description="Seed for sampling, data order and initialisation.")
 
+    _source_path: Path | None = PrivateAttr(None)
+
+    @property
+    def source_path(self) -> Path | None:
+        """The file this policy was read from (None when built in code)."""
+        return self._source_path
+
+    @property
+    def base_dir(self) -> Path:
+        """The folder relative paths in the policy resolve against."""
+        return self._source_path.parent if self._source_path else Path.cwd()
+
     _check_policy_name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
 
     @field_validator("model")
@@ -416,8 +428,6 @@ def _validate_model_spec(v: str, info: ValidationInfo) -> str:
     if v == "tiny-random":
         return v
     if v.startswith(("./", "../", "/", "~")):
-        from pathlib import Path
-
         path = Path(v).expanduser()
         if not path.is_absolute():
             path = base_dir_of(info) / path
