@@ -82,34 +82,45 @@ def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
 
 
 # ----------------------------------------------------------------------------------- overrides
-def parse_override(text: str) -> tuple[list[str | int], Any]:
+def parse_override(text: str, source: str = "") -> tuple[list[str | int], Any]:
     """``a.b.0.c=value`` → (path, value); the value is read as YAML (``2``, ``true``, ``[a, b]``)."""
+    label = f"{source} (--set {text})" if source else f"--set {text}"
     key, sep, raw = text.partition("=")
     key = key.strip()
     if not sep or not key:
-        raise PolicyError(f"--set {text}", ["expected KEY=VALUE, e.g. finetune.steps=100"])
+        raise PolicyError(label, ["expected KEY=VALUE, e.g. finetune.steps=100"])
     parts: list[str | int] = []
     for part in key.split("."):
         if not part:
-            raise PolicyError(f"--set {text}", [f"empty component in key {key!r}"])
+            raise PolicyError(label, [f"empty component in key {key!r}"])
         parts.append(int(part) if part.isdigit() else part)
     try:
         value = yaml.safe_load(raw) if raw.strip() else None
     except yaml.YAMLError as err:
-        raise PolicyError(f"--set {text}", [f"value is not valid YAML: {err}"]) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at column {mark.column + 1}" if mark else ""
+        problem = getattr(err, "problem", None) or "cannot be parsed"
+        raise PolicyError(label, [f"value {raw!r} is not valid YAML{where}: {problem}"]) from None
     return parts, value
 
 
-def apply_override(data: dict[str, Any], text: str) -> None:
-    """Apply one ``--set`` override in place; unknown keys fail later, in validation."""
-    path, value = parse_override(text)
+def apply_override(data: dict[str, Any], text: str, source: str = "") -> None:
+    """Apply one ``--set`` override in place; unknown keys fail later, in validation.
+
+    Args:
+        data: the policy document (parsed YAML) to change.
+        text: ``key.sub=value``; list items are addressed by index (``attributes.0.weight=2``).
+        source: the policy file, named in error messages.
+    """
+    label = f"{source} (--set {text})" if source else f"--set {text}"
+    path, value = parse_override(text, source)
     node: Any = data
     for i, part in enumerate(path[:-1]):
         nxt = path[i + 1]
         if isinstance(node, list):
             if not isinstance(part, int) or part >= len(node):
                 raise PolicyError(
-                    f"--set {text}",
+                    label,
                     [f"{_dotted(path[:i])} has {len(node)} item(s); index {part} is out of range"],
                 )
             node = node[part]
@@ -118,16 +129,19 @@ def apply_override(data: dict[str, Any], text: str) -> None:
                 node[part] = [] if isinstance(nxt, int) else {}
             node = node[part]
         else:
-            raise PolicyError(f"--set {text}", [f"{_dotted(path[: i + 1])} is not a mapping"])
+            raise PolicyError(label, [f"{_dotted(path[: i + 1])} is not a mapping"])
     last = path[-1]
     if isinstance(node, list):
         if not isinstance(last, int) or last >= len(node):
-            raise PolicyError(f"--set {text}", [f"index {last} is out of range"])
+            raise PolicyError(
+                label,
+                [f"{_dotted(path[:-1])} has {len(node)} item(s); index {last} is out of range"],
+            )
         node[last] = value
     elif isinstance(node, dict):
         node[last] = value
     else:
-        raise PolicyError(f"--set {text}", [f"{_dotted(path[:-1])} is not a mapping"])
+        raise PolicyError(label, [f"{_dotted(path[:-1])} is not a mapping"])
 
 
 # ---------------------------------------------------------------------------------- validation
@@ -148,7 +162,7 @@ def load_policy(ref: str | Path, overrides: Sequence[str] = ()) -> Policy:
     path = resolve_policy_ref(ref)
     data, node = _read_yaml(path)
     for text in overrides:
-        apply_override(data, text)
+        apply_override(data, text, source=str(path))
     return validate_policy(data, source=path, node=node, overrides=overrides)
 
 
