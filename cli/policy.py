@@ -84,3 +84,11 @@ def kinds() -> None:
         except AttrctlError as err:
             doc = f"(broken plugin: {err})"
         typer.echo(f"{kind:<18} {doc}")
+
+
+@app.command("reference")
+def reference() -> None:
+    """Print every policy field with its type, default and description (Markdown)."""
+    from attrctl.policy.reference import policy_reference
+
+    typer.echo(policy_reference())

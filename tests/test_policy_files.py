@@ -161,3 +161,13 @@ def test_train_validates_policy_before_saying_not_built(run_cli):
     assert code == 2 and "finetune.steps" in err
     code, _, err = run_cli("train", "--policy", "toxicity")
     assert code == 3 and "not built yet" in err
+
+
+def test_policy_reference_doc_is_generated_from_the_schema(run_cli):
+    code, out, _ = run_cli("policy", "reference")
+    assert code == 0
+    doc = (POLICIES.parent / "docs" / "policy-reference.md").read_text()
+    assert out == doc, "docs/policy-reference.md is stale: attrctl policy reference > it"
+    from attrctl.policy.schema import FineTune
+
+    assert f"`{FineTune.model_fields['steps'].default}`" in doc
