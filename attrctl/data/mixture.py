@@ -1,0 +1,223 @@
+"""The fine-tuning mixture: sources drawn by weight, tokenised and packed into fixed-shape batches.
+
+:func:`build_mixture` loads every data source of a policy and returns a :class:`Mixture`, whose
+:meth:`~Mixture.examples` stream draws a source with probability ∝ its ``weight`` (not its size)
+and then the next example of that source in a per-source shuffled order (reshuffled each pass).
+Everything is a function of the policy seed, so a resumed run can replay the stream: ``start=k``
+skips ``k`` draws without tokenising anything.
+
+:class:`PackingCollator` turns examples into training tensors. Examples (each followed by eos)
+are concatenated into one token stream and cut into rows of ``seq_len``, so no compute is spent
+on padding; every token carries the id of the domain of the example it came from, which is what
+adaptive regularization needs (λ per token = ``mixture.lambdas[domain_ids]``). Packed examples
+attend to their predecessors in the row, as in GPT-style pretraining; the eos between them marks
+the boundary.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from attrctl.data.sources import Example, describe_source, load_source
+from attrctl.policy.schema import Policy
+
+IGNORE_INDEX = -100  # labels ignored by the loss (padding)
+
+
+@dataclass(frozen=True)
+class MixtureSource:
+    """One loaded source: a label, its normalised sampling probability, its examples."""
+
+    label: str
+    domain: str
+    probability: float
+    examples: tuple[Example, ...]
+
+
+class Mixture:
+    """A policy's data sources, drawn by mixture weight, deterministic for a seed.
+
+    Args:
+        sources: the loaded sources.
+        domains: domain names; a domain's id is its index here.
+        lambdas: λ_d per domain id (``policy.lam_for``), shape ``[D]``.
+        seed: the seed of the draw order.
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[MixtureSource],
+        domains: Sequence[str],
+        lambdas: Sequence[float],
+        seed: int = 0,
+    ):
+        if not sources:
+            raise ValueError("a mixture needs at least one source")
+        self.sources = tuple(sources)
+        self.domains = tuple(domains)
+        self.lambdas = tuple(float(x) for x in lambdas)
+        self.seed = seed
+
+    def domain_id(self, domain: str) -> int:
+        """The integer id of a domain (its index in :attr:`domains`)."""
+        return self.domains.index(domain)
+
+    def lambda_tensor(self):
+        """λ_d per domain id as a float32 tensor ``[D]``; index it with ``domain_ids``."""
+        import torch
+
+        return torch.tensor(self.lambdas, dtype=torch.float32)  # [D]
+
+    def examples(self, start: int = 0) -> Iterator[Example]:
+        """An endless stream of examples; ``start`` skips that many draws.
+
+        Each draw picks a source with probability ∝ weight, then that source's next example in
+        an order reshuffled at every pass over it.
+        """
+        rng = random.Random(f"mixture/{self.seed}")
+        probs = [s.probability for s in self.sources]
+        orders: list[list[int]] = [[] for _ in self.sources]
+        passes = [0] * len(self.sources)
+        cursors = [0] * len(self.sources)
+        n = 0
+        while True:
+            k = rng.choices(range(len(self.sources)), weights=probs)[0]
+            if cursors[k] == len(orders[k]):  # start a new pass over source k
+                order = list(range(len(self.sources[k].examples)))
+                random.Random(f"mixture/{self.seed}/{k}/{passes[k]}").shuffle(order)
+                orders[k], cursors[k] = order, 0
+                passes[k] += 1
+            example = self.sources[k].examples[orders[k][cursors[k]]]
+            cursors[k] += 1
+            if n >= start:
+                yield example
+            n += 1
+
+    def batches(
+        self, tokenizer: Any, batch_size: int, seq_len: int, start: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Endless fixed-shape packed batches (see :class:`PackingCollator`).
+
+        ``start`` skips that many *batches*; skipping re-tokenises the skipped examples, which is
+        cheap next to a training step.
+        """
+        collator = PackingCollator(tokenizer, seq_len, self.domains)
+        yield from collator.stream(self.examples(), batch_size, skip=start)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One dict per source: label, domain, examples, probability, λ."""
+        return [
+            {
+                "source": s.label,
+                "domain": s.domain,
+                "examples": len(s.examples),
+                "probability": s.probability,
+                "lambda": self.lambdas[self.domain_id(s.domain)],
+            }
+            for s in self.sources
+        ]
+
+
+def build_mixture(policy: Policy) -> Mixture:
+    """Load every data source of ``policy`` into a :class:`Mixture`.
+
+    Domains are numbered in order of first appearance in ``policy.data``; their λ_d come from
+    ``policy.lam_for``.
+
+    Raises:
+        AttrctlError: a source cannot be read or is empty.
+    """
+    total = sum(s.weight for s in policy.data)
+    sources = [
+        MixtureSource(
+            label=describe_source(s),
+            domain=s.domain,
+            probability=s.weight / total,
+            examples=tuple(load_source(s, policy)),
+        )
+        for s in policy.data
+    ]
+    domains = list(dict.fromkeys(s.domain for s in policy.data))
+    return Mixture(sources, domains, [policy.lam_for(d) for d in domains], seed=policy.seed)
+
+
+class PackingCollator:
+    """Tokenise examples, pack them into rows of ``seq_len`` tokens, tag every token's domain.
+
+    Args:
+        tokenizer: a HF tokenizer with ``eos_token_id`` and ``pad_token_id``.
+        seq_len: tokens per row.
+        domains: domain names; ``domain_ids`` hold indices into this list.
+    """
+
+    def __init__(self, tokenizer: Any, seq_len: int, domains: Sequence[str]):
+        if seq_len < 2:
+            raise ValueError(f"seq_len must be at least 2, got {seq_len}")
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no eos token; packing needs one between examples")
+        self.tokenizer = tokenizer
+        self.seq_len = seq_len
+        self.domains = tuple(domains)
+        self.pad_id = (
+            tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        )
+
+    def _encode(self, example: Example) -> tuple[list[int], int]:
+        ids = self.tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        return [*ids, self.tokenizer.eos_token_id], self.domains.index(example.domain)
+
+    def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:
+        """Pack a finite list of examples into as many rows as they need (last row padded).
+
+        Returns:
+            ``input_ids`` ``[R, T]`` long, ``labels`` ``[R, T]`` long (``-100`` on padding; the
+            model shifts them), ``attention_mask`` ``[R, T]`` long, ``domain_ids`` ``[R, T]``
+            long (per token; padding carries the row's last domain, masked out by ``labels``).
+        """
+        ids: list[int] = []
+        doms: list[int] = []
+        for example in examples:
+            toks, dom = self._encode(example)
+            ids.extend(toks)
+            doms.extend([dom] * len(toks))
+        if not ids:
+            raise ValueError("no examples to collate")
+        rows = -(-len(ids) // self.seq_len)
+        return self._tensors(ids, doms, rows)
+
+    def stream(
+        self, examples: Iterator[Example], batch_size: int, skip: int = 0
+    ) -> Iterator[dict[str, Any]]:
+        """Endless ``[batch_size, seq_len]`` batches from an example stream; a long example
+        continues into the next row (and batch). ``skip`` drops that many leading batches."""
+        need = batch_size * self.seq_len
+        ids: list[int] = []
+        doms: list[int] = []
+        n = 0
+        for example in examples:
+            toks, dom = self._encode(example)
+            ids.extend(toks)
+            doms.extend([dom] * len(toks))
+            while len(ids) >= need:
+                if n >= skip:
+                    yield self._tensors(ids[:need], doms[:need], batch_size)
+                del ids[:need], doms[:need]
+                n += 1
+
+    def _tensors(self, ids: list[int], doms: list[int], rows: int) -> dict[str, Any]:
+        import torch
+
+        size = rows * self.seq_len
+        pad = size - len(ids)
+        last_dom = doms[-1]
+        input_ids = torch.tensor(ids + [self.pad_id] * pad).view(rows, self.seq_len)  # [R, T]
+        real = torch.arange(size).view(rows, self.seq_len) < len(ids)  # [R, T]
+        return {
+            "input_ids": input_ids,
+            "labels": input_ids.masked_fill(~real, IGNORE_INDEX),  # [R, T]
+            "attention_mask": real.long(),  # [R, T]
+            "domain_ids": torch.tensor(doms + [last_dom] * pad).view(rows, self.seq_len),
+        }
