@@ -1,0 +1,301 @@
+"""Fused-linear CE + λ·KL(sg[q] ‖ p): the regularized LM loss without the [N, V] logits.
+
+Maths (row t, ℓ_t = h_t Wᵀ, r_{k,t} = s_{k,t} W_kᵀ + b_k, λ_t per token, y_t the label):
+
+    loss_t   = CE(ℓ_t, y_t) + λ_t · KL(sg[q_t] ‖ p_t),   q_t = softmax(sg[ℓ_t] + Σ_k w_k logσ r_{k,t})
+    CE_t     = LSE(ℓ_t) − ℓ_t[y_t]
+    ∂loss_t/∂ℓ_t = (1 + λ_t) p_t − onehot(y_t) − λ_t q_t
+    ∂L/∂h    = G W,   ∂L/∂W = Gᵀ h,   G = [∂L/∂ℓ_t]_t scaled by the reduction
+
+Per row chunk of C rows, torch matmuls build the chunk's LM logits [C, V] and head logits
+[K, C, V]; then ``_fused_reg_lm_kernel`` (one program per row) sweeps the row twice: the online
+two-LSE pass of ``_math`` gives CE and KL, and the gradient pass overwrites the logits chunk in
+place with its gradient. Two more matmuls turn it into ∂L/∂h for the chunk and accumulate ∂L/∂W
+(fp32 accumulator). The gradients are thus computed during the forward call; backward only
+multiplies them by grad_output (skipped when it is 1).
+
+``reduction="none"`` with a per-token grad_output cannot reuse gradients built with a uniform
+scale (∂L/∂W mixes rows), so that case keeps only the loss in forward and re-runs the chunk loop
+in backward with the row scales set to grad_output (one extra forward matmul per chunk).
+
+Memory: the whole batch never holds [N, V]; at a time there are (1 + K)·C·V logits in the input
+dtype, the fp32 [V, H] gradient accumulator (a bf16 [V, H] temporary per chunk for bf16 inputs)
+and [N, H] gradients. With C ≈ N·H/V (``_utils.pick_chunk_rows``) the chunk logits are about the
+size of the hidden states. The kernel reads each logit and head logit twice and writes the
+logits once: ~(3 + 2K)·C·V·B bytes per chunk, instead of an eager fp32 path's ~10 [N, V] tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+from attrctl.kernels._math import _log_r_tile, _safe, _safe_log, _two_lse_step
+from attrctl.kernels._utils import KernelConfig, pick_block_v, pick_chunk_rows, pick_num_warps
+
+from attrctl.losses.types import LossOptions, LossOutput, RegHead
+
+
+@triton.jit
+def _fused_reg_lm_kernel(
+    logits_ptr,  # [C, V] LM logits of the chunk; overwritten with ∂loss/∂ℓ if COMPUTE_GRAD
+    logits_stride,
+    reg_ptr,  # [K, C, V] head logits, unit stride along V
+    reg_stride_k,
+    reg_stride_n,
+    w_ptr,  # [K] fp32 attribute weights
+    labels_ptr,  # [C] int64 next-token labels
+    lam_ptr,  # [C] fp32 λ_t
+    scale_ptr,  # [C] fp32 gradient scale of each row (reduction factor × grad_output)
+    ce_ptr,  # [C] fp32 out: CE_t (0 on ignored rows)
+    kl_ptr,  # [C] fp32 out: KL_t (0 on ignored rows)
+    V,
+    K,
+    ignore_index,
+    COMPUTE_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    label = tl.load(labels_ptr + row)
+    valid = label != ignore_index
+    l_row = logits_ptr + row * logits_stride
+    r_row = reg_ptr + row * reg_stride_n
+    ninf = float("-inf")
+
+    # pass 1: online two-LSE over the row (skipped on ignored rows)
+    n_cols = tl.where(valid, V, 0)
+    m_p = tl.full((), ninf, tl.float32)
+    c = tl.full((), ninf, tl.float32)
+    d_p = tl.zeros((), tl.float32)
+    d_q = tl.zeros((), tl.float32)
+    e_q = tl.zeros((), tl.float32)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        col_mask = offs < V
+        lg = tl.load(l_row + offs, mask=col_mask, other=ninf).to(tl.float32)
+        log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
+        m_p, d_p, _m_b, c, d_q, e_q = _two_lse_step(
+            lg, lg, log_r, m_p, d_p, m_p, c, d_q, e_q, False
+        )
+
+    safe_label = tl.where(valid, label, 0)
+    l_y = tl.load(l_row + safe_label, mask=valid, other=0.0).to(tl.float32)
+    m_p = _safe(m_p)
+    log_dp = _safe_log(d_p)
+    log_dq = _safe_log(d_q)
+    c_log_dq = _safe(c) + log_dq
+    ce = (m_p - l_y) + log_dp  # LSE(ℓ) − ℓ_y without adding two large numbers
+    kl = e_q / tl.where(valid, d_q, 1.0) - c_log_dq + log_dp
+    tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
+    tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
+
+    if COMPUTE_GRAD:
+        # pass 2: ∂/∂ℓ = s·((1+λ)p − onehot − λq), written over ℓ (zeros on ignored rows)
+        lam = tl.load(lam_ptr + row)
+        s = tl.where(valid, tl.load(scale_ptr + row), 0.0)
+        n_read = tl.where(s != 0.0, V, 0)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            col_mask = offs < V
+            read_mask = offs < n_read
+            lg = tl.load(l_row + offs, mask=read_mask, other=ninf).to(tl.float32)
+            log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
+            x = lg - m_p
+            p = tl.exp(x - log_dp)
+            q = tl.exp(x + log_r - c_log_dq)
+            grad = (1.0 + lam) * p - lam * q - tl.where(offs == label, 1.0, 0.0)
+            grad = tl.where(read_mask, s * grad, 0.0)
+            tl.store(l_row + offs, grad.to(logits_ptr.dtype.element_ty), mask=col_mask)
+
+
+@dataclass(frozen=True)
+class FusedRegOptions:
+    """Non-tensor inputs of :class:`FusedRegLMFunction`."""
+
+    loss: LossOptions
+    kernel: KernelConfig
+
+
+def _head_logits(heads: list[RegHead], start: int, end: int, v: int, out: torch.Tensor) -> None:
+    """Write r_k = s_k Wₖᵀ + b_k for rows [start, end) into ``out`` [K, C, V]."""
+    for k, head in enumerate(heads):
+        states = head.states[start:end].to(out.dtype)  # [C, Hk]
+        weight = head.weight.to(out.dtype)  # [V, Hk]
+        if head.bias is None:
+            torch.mm(states, weight.T, out=out[k, : end - start])
+        else:
+            torch.addmm(head.bias.to(out.dtype), states, weight.T, out=out[k, : end - start])
+
+
+def fused_reg_lm_forward(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    labels: torch.Tensor,
+    heads: list[RegHead],
+    attr_weights: torch.Tensor,
+    lam: torch.Tensor,
+    row_scale: torch.Tensor | None,
+    opts: FusedRegOptions,
+    need_hidden_grad: bool,
+    need_weight_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Walk the rows in chunks; losses always, gradients when asked.
+
+    Args:
+        hidden: [N, H].
+        lm_weight: [V, H].
+        labels: [N] int64.
+        heads: K frozen heads.
+        attr_weights: [K] fp32.
+        lam: [N] fp32.
+        row_scale: [N] fp32 gradient scale per row (None when no gradient is needed).
+        opts: loss and launch options.
+        need_hidden_grad: compute ∂L/∂hidden.
+        need_weight_grad: compute ∂L/∂lm_weight.
+
+    Returns:
+        ``(ce [N] fp32, kl [N] fp32, grad_hidden [N, H] | None, grad_weight [V, H] | None)``.
+    """
+    n, h = hidden.shape
+    v = lm_weight.shape[0]
+    k = len(heads)
+    device, dtype = hidden.device, hidden.dtype
+    compute_grad = row_scale is not None and (need_hidden_grad or need_weight_grad)
+    ce = torch.zeros(n, device=device, dtype=torch.float32)
+    kl = torch.zeros(n, device=device, dtype=torch.float32)
+    grad_hidden = torch.zeros_like(hidden) if compute_grad and need_hidden_grad else None
+    # fp32 accumulator over chunks: summing many bf16 partial products would round each time
+    grad_weight = (
+        torch.zeros(v, h, device=device, dtype=torch.float32)
+        if compute_grad and need_weight_grad
+        else None
+    )
+    if n == 0:
+        return ce, kl, grad_hidden, grad_weight
+    reg_dtype = dtype
+    for head in heads:
+        reg_dtype = torch.promote_types(reg_dtype, head.weight.dtype)
+    chunk = pick_chunk_rows(n, v, h, opts.loss.chunk_size)
+    block_v = pick_block_v(v, opts.kernel)
+    num_warps = pick_num_warps(block_v, opts.kernel)
+    w32 = attr_weights.to(device=device, dtype=torch.float32).contiguous()
+    labels = labels.contiguous()
+    lam = lam.to(torch.float32).contiguous()
+    scale = lam if row_scale is None else row_scale.to(torch.float32).contiguous()
+    weight = lm_weight.to(dtype)
+    reg = torch.empty((max(k, 1), chunk, v), device=device, dtype=reg_dtype)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        rows = end - start
+        h_c = hidden[start:end]  # [C, H]
+        logits = h_c @ weight.T  # [C, V], overwritten with its gradient by the kernel
+        _head_logits(heads, start, end, v, reg)
+        _fused_reg_lm_kernel[(rows,)](
+            logits, logits.stride(0), reg, reg.stride(0), reg.stride(1), w32,
+            labels[start:end], lam[start:end], scale[start:end], ce[start:end], kl[start:end],
+            v, k, opts.loss.ignore_index,
+            COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
+        )  # fmt: skip
+        if grad_hidden is not None:
+            torch.mm(logits, weight, out=grad_hidden[start:end])  # [C, V] @ [V, H]
+        if grad_weight is not None:
+            if dtype == torch.float32:
+                grad_weight.addmm_(logits.T, h_c)  # [V, C] @ [C, H]
+            else:
+                grad_weight += (logits.T @ h_c).float()
+    return ce, kl, grad_hidden, grad_weight
+
+
+class FusedRegLMFunction(torch.autograd.Function):
+    """Fused-linear CE + λ·KL; gradients to ``hidden`` and ``lm_weight`` only (heads are frozen)."""
+
+    @staticmethod
+    def forward(
+        ctx,
+        hidden: torch.Tensor,  # [N, H]
+        lm_weight: torch.Tensor,  # [V, H]
+        labels: torch.Tensor,  # [N] int64
+        attr_weights: torch.Tensor,  # [K] fp32
+        lam: torch.Tensor,  # [N] fp32
+        heads: list[RegHead],  # frozen: autograd does not see tensors inside the list
+        opts: FusedRegOptions,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        valid = labels != opts.loss.ignore_index
+        n_tokens = valid.sum()
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        eager_grads = opts.loss.reduction != "none" and (need_h or need_w)
+        row_scale = None
+        if eager_grads:
+            factor = 1.0 if opts.loss.reduction == "sum" else 1.0 / n_tokens.clamp(min=1)
+            row_scale = torch.ones_like(lam) * factor  # mean: 1 / n_tokens on every row
+        ce, kl, grad_h, grad_w = fused_reg_lm_forward(
+            hidden, lm_weight, labels, heads, attr_weights, lam, row_scale, opts, need_h, need_w
+        )
+        per_token = torch.where(valid, ce + lam * kl, torch.zeros_like(ce))  # [N] fp32
+        if opts.loss.reduction == "none":
+            loss = per_token
+        elif opts.loss.reduction == "sum":
+            loss = per_token.sum()
+        else:
+            loss = per_token.sum() / n_tokens.clamp(min=1)
+        ctx.mark_non_differentiable(ce, kl)
+        ctx.opts = opts
+        ctx.heads = heads
+        ctx.needs = (need_h, need_w)
+        if eager_grads:
+            ctx.save_for_backward(grad_h, grad_w)
+        else:
+            ctx.save_for_backward(hidden, lm_weight, labels, attr_weights, lam)
+        ctx.dtypes = (hidden.dtype, lm_weight.dtype)
+        return loss, ce, kl
+
+    @staticmethod
+    def backward(ctx, grad_loss: torch.Tensor, _grad_ce: torch.Tensor, _grad_kl: torch.Tensor):
+        need_h, need_w = ctx.needs
+        if ctx.opts.loss.reduction != "none":
+            grad_h, grad_w = ctx.saved_tensors
+            if grad_loss.item() != 1.0:  # the usual loss.backward() passes exactly 1
+                grad_h = None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype)
+                grad_w = None if grad_w is None else grad_w * grad_loss
+        else:
+            hidden, lm_weight, labels, attr_weights, lam = ctx.saved_tensors
+            _, _, grad_h, grad_w = fused_reg_lm_forward(
+                hidden, lm_weight, labels, ctx.heads, attr_weights, lam,
+                grad_loss.to(torch.float32), ctx.opts, need_h, need_w,
+            )  # fmt: skip
+        grad_w = None if grad_w is None else grad_w.to(ctx.dtypes[1])
+        return grad_h, grad_w, None, None, None, None, None
+
+
+def regularized_lm_loss(
+    hidden: torch.Tensor,
+    lm_weight: torch.Tensor,
+    labels: torch.Tensor,
+    heads: list[RegHead],
+    attr_weights: torch.Tensor,
+    lam: torch.Tensor,
+    opts: LossOptions,
+    config: KernelConfig | None = None,
+) -> LossOutput:
+    """CE + λ_t·KL(sg[q_t] ‖ p_t) per token, fused with the LM head matmul (Triton).
+
+    Args:
+        hidden: [N, H] final hidden states (fp32/bf16/fp16).
+        lm_weight: [V, H] LM head weight.
+        labels: [N] int64 next-token labels (``opts.ignore_index`` = ignored).
+        heads: K frozen heads (no gradient).
+        attr_weights: [K] fp32.
+        lam: [N] fp32 per-token λ_t.
+        opts: reduction, ignore_index, chunk_size.
+        config: launch parameters (tests use small tiles).
+
+    Returns:
+        LossOutput(loss, ce [N], kl [N], n_tokens); gradients to ``hidden`` and ``lm_weight``.
+    """
+    fopts = FusedRegOptions(opts, config or KernelConfig())
+    loss, ce, kl = FusedRegLMFunction.apply(
+        hidden, lm_weight, labels, attr_weights, lam, list(heads), fopts
+    )
+    return LossOutput(loss, ce, kl, (labels != opts.ignore_index).sum())
