@@ -1,7 +1,48 @@
-"""`attrctl bench` commands (being built)."""
+"""``attrctl bench``: benchmarks of the fused losses (the harness lives in ``attrctl.bench``)."""
 
 from __future__ import annotations
 
+import json
+from dataclasses import asdict
+
 import typer
 
-app = typer.Typer(help="bench commands.", no_args_is_help=True)
+from attrctl.bench import format_table, plot_rows, run_loss_benchmark
+
+app = typer.Typer(help="Benchmark the regularized losses.", no_args_is_help=True)
+
+
+def _csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+@app.command("loss")
+def loss(
+    shapes: str = typer.Option("smollm2", help="Comma list: smollm2, llama2, llama3 or HxV."),
+    n: str = typer.Option("512", "--n", help="Comma list of token counts N."),
+    impls: str = typer.Option(
+        "eager,chunked", help="Comma list of eager, chunked, compile, triton, liger."
+    ),
+    modes: str = typer.Option("fwd,fwd_bwd", help="Comma list of fwd, fwd_bwd."),
+    dtype: str = typer.Option("fp32", help="fp32 or bf16."),
+    device: str = typer.Option("cpu", help="cpu or cuda."),
+    heads: int = typer.Option(1, help="Regularizer heads (attributes)."),
+    repeats: int = typer.Option(3, help="Timed calls per row (after one warm-up)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as a JSON list."),
+    plot: str | None = typer.Option(None, "--plot", help="Write a PNG of time/memory vs N."),
+) -> None:
+    """Time and memory of the loss impls at model shapes (each CPU row in a fresh process).
+
+    Acceptance run: attrctl bench loss --n 2048 --impls eager,chunked --modes fwd_bwd --json
+    """
+    rows = run_loss_benchmark(
+        shapes=_csv(shapes), ns=[int(x) for x in _csv(n)], impls=_csv(impls),
+        modes=_csv(modes), dtype=dtype, device=device, heads=heads, repeats=repeats,
+        progress=None if as_json else (lambda msg: typer.echo(f"running {msg}", err=True)),
+    )  # fmt: skip
+    if as_json:
+        typer.echo(json.dumps([asdict(r) for r in rows], indent=1))
+    else:
+        typer.echo(format_table(rows))
+    if plot:
+        typer.echo(f"plot: {plot_rows(rows, plot)}", err=True)

@@ -1,0 +1,490 @@
+"""Loss benchmark harness shared by ``attrctl bench loss`` and ``benchmarks/``.
+
+One *row* is one (impl, mode, shape, N, dtype) measurement: inputs shaped like a real model's
+LM head (hidden [N, H], lm_weight [V, H], one regularizer head reading the same hidden states,
+per-token λ, 10% ignored labels), ``warmup`` untimed calls, then ``repeats`` timed calls;
+median and spread (min, max) of the wall time, and peak memory.
+
+Modes: ``fwd`` is the forward alone with inputs that do not require grad (what evaluation
+pays); ``fwd_bwd`` is forward + ``backward()`` with gradients to hidden and lm_weight.
+
+Impls: ``eager``, ``chunked``, ``triton`` (CUDA or TRITON_INTERPRET=1), ``compile``
+(``torch.compile`` of the eager loss) and, on CUDA with ``liger_kernel`` installed, ``liger``
+(Liger-Kernel's fused linear cross-entropy, the closest public fused-linear analogue; it has no
+KL term, so its row is a lower bound for a fused loss).
+
+Correctness is checked before timing: each impl's loss and gradients at the row's H, V, dtype
+and a small N must match ``eager`` (rows that fail are reported with ``error`` and not timed).
+
+Peak memory (``peak_mb``): the most memory the timed calls hold at once *above* what the process
+held when they started (inputs, weights, libraries). On CUDA: ``max_memory_allocated`` after
+``reset_peak_memory_stats`` minus ``memory_allocated`` before. On CPU torch allocations are
+invisible to ``tracemalloc`` and torch's CPU allocator keeps no peak statistic, so each row runs
+in a **fresh subprocess** and we read the kernel's resident-set high-water mark: ``VmHWM`` is
+reset (``/proc/self/clear_refs`` ← 5) after the warm-up, and peak = ``VmHWM`` − ``VmRSS`` at
+that moment. The child runs with ``MALLOC_MMAP_THRESHOLD_=1MiB`` so glibc returns freed blocks
+to the OS instead of keeping them on its heap, where a later call would reuse them without
+raising RSS (which would hide its peak). Rows cannot contaminate each other, and compile-time
+memory of ``torch.compile`` (spent in the warm-up) is not counted.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import importlib.util
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+
+from attrctl.errors import AttrctlError
+
+#: Model LM-head shapes: name → (hidden H, vocabulary V).
+MODEL_SHAPES: dict[str, tuple[int, int]] = {
+    "smollm2": (576, 49_152),
+    "llama2": (4096, 32_000),
+    "llama3": (4096, 128_256),
+}
+IMPLS = ("eager", "chunked", "compile", "triton", "liger")
+MODES = ("fwd", "fwd_bwd")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+CHECK_N = 64  # rows of the correctness check (full H and V)
+
+
+@dataclass(frozen=True)
+class RowSpec:
+    """One measurement to make."""
+
+    impl: str
+    mode: str
+    shape: str
+    H: int
+    V: int
+    N: int
+    dtype: str = "fp32"
+    device: str = "cpu"
+    heads: int = 1
+    warmup: int = 1
+    repeats: int = 3
+    seed: int = 0
+
+
+@dataclass
+class BenchRow:
+    """One measured row; the ``--json`` schema (environment fields repeated on every row)."""
+
+    impl: str
+    mode: str
+    shape: str
+    H: int
+    V: int
+    N: int
+    dtype: str
+    device: str
+    heads: int
+    median_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    repeats: int = 0
+    peak_mb: float | None = None
+    memory_method: str = ""
+    max_abs_err: float | None = None
+    time_vs_eager: float | None = None
+    mem_vs_eager: float | None = None
+    time_vs_compile: float | None = None
+    error: str | None = None
+    env: dict[str, str] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- environment
+
+
+def environment(device: str = "cpu") -> dict[str, str]:
+    """Device, library versions and git commit, recorded with every row."""
+
+    def version(pkg: str) -> str:
+        try:
+            return importlib.metadata.version(pkg)
+        except importlib.metadata.PackageNotFoundError:
+            return "not installed"
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        dev_name = torch.cuda.get_device_name(torch.device(device))
+    else:
+        dev_name = platform.processor() or platform.machine()
+        try:
+            for line in Path("/proc/cpuinfo").read_text().splitlines():
+                if line.startswith("model name"):
+                    dev_name = line.split(":", 1)[1].strip()
+                    break
+        except OSError:
+            pass
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {
+        "device_name": dev_name,
+        "threads": str(torch.get_num_threads()),
+        "torch": torch.__version__,
+        "triton": version("triton"),
+        "python": platform.python_version(),
+        "git_commit": commit or "unknown",
+        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+
+
+# --------------------------------------------------------------------------- inputs and calls
+
+
+def make_inputs(spec: RowSpec, n: int | None = None) -> dict:
+    """Model-shaped inputs for ``spec`` (``n`` overrides the row count, for correctness checks)."""
+    n = spec.N if n is None else n
+    g = torch.Generator().manual_seed(spec.seed)
+    dt = DTYPES[spec.dtype]
+    hidden = torch.randn(n, spec.H, generator=g).to(dt)
+    # 1/sqrt(H) scaling gives logits of realistic magnitude (std ≈ 2)
+    lm_weight = (torch.randn(spec.V, spec.H, generator=g) * (2 / spec.H**0.5)).to(dt)
+    labels = torch.randint(0, spec.V, (n,), generator=g)
+    labels[torch.rand(n, generator=g) < 0.1] = -100
+    head_w = [(torch.randn(spec.V, spec.H, generator=g) * (1 / spec.H**0.5)).to(dt)]
+    head_w += [head_w[0].roll(k, 0) for k in range(1, spec.heads)]  # distinct, cheap to make
+    lam = torch.where(torch.rand(n, generator=g) < 0.5, 1.0, 0.1)  # two "domains"
+    dev = torch.device(spec.device)
+    return {
+        "hidden": hidden.to(dev),
+        "lm_weight": lm_weight.to(dev),
+        "labels": labels.to(dev),
+        "head_weights": [w.to(dev) for w in head_w],
+        "lam": lam.to(dev),
+    }
+
+
+def _liger_call():
+    if importlib.util.find_spec("liger_kernel") is None:
+        raise AttrctlError("impl 'liger' needs liger-kernel (pip install liger-kernel) and CUDA")
+    from liger_kernel.transformers import LigerFusedLinearCrossEntropyLoss
+
+    loss_fn = LigerFusedLinearCrossEntropyLoss(ignore_index=-100)
+
+    def call(inp):
+        return loss_fn(inp["lm_weight"], inp["hidden"], inp["labels"])
+
+    return call
+
+
+def make_call(impl: str) -> Callable[[dict], torch.Tensor]:
+    """A function of the inputs that returns the scalar loss of ``impl``."""
+    from attrctl.losses import RegHead, regularized_lm_loss
+    from attrctl.losses import eager as eager_mod
+    from attrctl.losses.types import LossOptions
+
+    if impl == "liger":
+        return _liger_call()
+
+    def heads(inp):
+        h = inp["hidden"].detach()  # the head reads the LM's hidden states, frozen
+        return [RegHead(h, w, None) for w in inp["head_weights"]]
+
+    if impl == "compile":
+        compiled = torch.compile(eager_mod.regularized_lm_loss)
+        opts = LossOptions()
+
+        def call(inp):
+            k = len(inp["head_weights"])
+            w = torch.ones(k, dtype=torch.float32, device=inp["hidden"].device)
+            args = (inp["hidden"], inp["lm_weight"], inp["labels"], heads(inp), w, inp["lam"])
+            return compiled(*args, opts).loss
+
+        return call
+
+    def call(inp):
+        return regularized_lm_loss(
+            inp["hidden"], inp["lm_weight"], inp["labels"], heads(inp), lam=inp["lam"], impl=impl
+        ).loss
+
+    return call
+
+
+def _step(call, inp: dict, mode: str) -> torch.Tensor:
+    if mode == "fwd":
+        with torch.no_grad():
+            return call(inp)
+    inp["hidden"].grad = inp["lm_weight"].grad = None
+    loss = call(inp)
+    loss.backward()
+    return loss
+
+
+def check_correctness(spec: RowSpec) -> float:
+    """Max |impl − eager| over loss and gradients at ``CHECK_N`` rows; raises on mismatch."""
+    small = RowSpec(**{**asdict(spec), "N": min(spec.N, CHECK_N)})
+    results = []
+    for impl in ("eager", spec.impl):
+        inp = make_inputs(small)
+        for key in ("hidden", "lm_weight"):
+            inp[key].requires_grad_(spec.impl != "liger")
+        loss = make_call(impl)(inp)
+        if spec.impl == "liger":
+            results.append([loss.detach().float()])
+            continue
+        loss.backward()
+        grads = [inp["hidden"].grad.float(), inp["lm_weight"].grad.float()]
+        results.append([loss.detach().float(), *grads])
+    if spec.impl == "liger":
+        return float("nan")  # a CE-only analogue: not comparable to the regularized loss
+    err = max((a - b).abs().max().item() for a, b in zip(*results, strict=True))
+    # fp32: accumulation-order noise over H and V (~1e-6 relative); bf16: ~3 significant digits
+    tol = 1e-3 if spec.dtype == "fp32" else 3e-2
+    scale = max(1.0, results[0][0].abs().item())
+    if not err <= tol * scale:
+        raise AttrctlError(f"{spec.impl} disagrees with eager by {err:.3g} (> {tol * scale:.3g})")
+    return err
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _proc_kb(key: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    raise OSError(f"{key} not in /proc/self/status")
+
+
+def _reset_hwm() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure(spec: RowSpec) -> BenchRow:
+    """Time one row in *this* process (use :func:`run_row` for isolated CPU memory figures)."""
+    row = BenchRow(
+        **{k: getattr(spec, k) for k in BenchRow.__dataclass_fields__ if hasattr(spec, k)}
+    )
+    inp = make_inputs(spec)
+    if spec.mode == "fwd_bwd":
+        inp["hidden"].requires_grad_()
+        inp["lm_weight"].requires_grad_()
+    call = make_call(spec.impl)
+    cuda = spec.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    for _ in range(spec.warmup):
+        _step(call, inp, spec.mode)
+    sync()
+    inp["hidden"].grad = inp["lm_weight"].grad = None
+    gc.collect()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        row.memory_method = "cuda max_memory_allocated - memory_allocated before"
+    else:
+        hwm_ok = _reset_hwm()
+        base = _proc_kb("VmRSS") * 1024
+        row.memory_method = (
+            "VmHWM - VmRSS after warm-up (HWM reset), fresh process"
+            if hwm_ok
+            else "ru_maxrss - VmRSS (HWM reset unavailable: includes warm-up)"
+        )
+    times = []
+    for _ in range(spec.repeats):
+        sync()
+        t0 = time.perf_counter()
+        _step(call, inp, spec.mode)
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+        inp["hidden"].grad = inp["lm_weight"].grad = None
+    peak = torch.cuda.max_memory_allocated() if cuda else _proc_kb("VmHWM") * 1024
+    peak -= base
+    row.median_ms = statistics.median(times)
+    row.min_ms, row.max_ms = min(times), max(times)
+    row.repeats = len(times)
+    row.peak_mb = max(peak, 0) / 2**20
+    return row
+
+
+def run_row(spec: RowSpec, isolate: bool | None = None) -> BenchRow:
+    """Measure one row, in a fresh subprocess on CPU (so memory peaks cannot mix)."""
+    isolate = not spec.device.startswith("cuda") if isolate is None else isolate
+    if not isolate:
+        return measure(spec)
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": "0"}
+    code = "import sys; from attrctl.bench import _worker; _worker(sys.argv[1])"
+    # cwd outside the repo: a repo-root cwd would put a top-level `kernels` on sys.path
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(asdict(spec))],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path.home() if Path.home().is_dir() else "/",
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+        raise AttrctlError(f"benchmark row {spec.impl}/{spec.mode} failed: {' | '.join(tail)}")
+    return BenchRow(**json.loads(proc.stdout.strip().splitlines()[-1]))
+
+
+def _worker(spec_json: str) -> None:
+    row = measure(RowSpec(**json.loads(spec_json)))
+    print(json.dumps(asdict(row)))
+
+
+def _attach_ratios(rows: list[BenchRow]) -> None:
+    def key(r):
+        return (r.mode, r.shape, r.H, r.V, r.N, r.dtype, r.device)
+
+    by = {(key(r), r.impl): r for r in rows if r.median_ms is not None}
+    for r in rows:
+        if r.median_ms is None:
+            continue
+        eager = by.get((key(r), "eager"))
+        comp = by.get((key(r), "compile"))
+        if eager is not None:
+            r.time_vs_eager = r.median_ms / eager.median_ms
+            if eager.peak_mb:
+                r.mem_vs_eager = r.peak_mb / eager.peak_mb
+        if comp is not None:
+            r.time_vs_compile = r.median_ms / comp.median_ms
+
+
+def resolve_shapes(names: Sequence[str]) -> list[tuple[str, int, int]]:
+    """Model names (``smollm2``, ``llama2``, ``llama3``) or ``HxV`` (e.g. ``64x1000``)."""
+    out = []
+    for name in names:
+        if name in MODEL_SHAPES:
+            out.append((name, *MODEL_SHAPES[name]))
+            continue
+        try:
+            h, v = (int(x) for x in name.lower().split("x"))
+        except ValueError:
+            known = ", ".join(MODEL_SHAPES)
+            raise AttrctlError(f"unknown shape {name!r}: use one of {known} or HxV") from None
+        out.append((name, h, v))
+    return out
+
+
+def run_loss_benchmark(
+    *,
+    shapes: Sequence[str] = ("smollm2",),
+    ns: Sequence[int] = (512,),
+    impls: Sequence[str] = ("eager", "chunked"),
+    modes: Sequence[str] = MODES,
+    dtype: str = "fp32",
+    device: str = "cpu",
+    heads: int = 1,
+    warmup: int = 1,
+    repeats: int = 3,
+    isolate: bool | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> list[BenchRow]:
+    """Benchmark the loss impls over shapes × N × modes; returns rows with ratios filled in."""
+    bad = [i for i in impls if i not in IMPLS]
+    if bad:
+        raise AttrctlError(f"unknown impl(s) {bad}: choose from {', '.join(IMPLS)}")
+    if any(m not in MODES for m in modes):
+        raise AttrctlError(f"modes must be among {', '.join(MODES)}; got {list(modes)}")
+    if dtype not in DTYPES:
+        raise AttrctlError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise AttrctlError("device cuda requested but torch sees no CUDA device")
+    env = environment(device)
+    rows: list[BenchRow] = []
+    for shape, h, v in resolve_shapes(shapes):
+        for impl in impls:
+            check = RowSpec(impl, "fwd_bwd", shape, h, v, min(ns), dtype, device, heads)
+            try:
+                err = check_correctness(check) if impl != "eager" else 0.0
+            except (AttrctlError, RuntimeError, ImportError) as exc:
+                for n in ns:
+                    for mode in modes:
+                        row = BenchRow(impl, mode, shape, h, v, n, dtype, device, heads)
+                        row.error, row.env = f"not timed: {exc}", env
+                        rows.append(row)
+                continue
+            for n in ns:
+                for mode in modes:
+                    spec = RowSpec(
+                        impl, mode, shape, h, v, n, dtype, device, heads, warmup, repeats
+                    )
+                    if progress:
+                        progress(f"{impl:8s} {mode:7s} {shape} H={h} V={v} N={n} {dtype}")
+                    row = run_row(spec, isolate)
+                    row.max_abs_err, row.env = err, env
+                    rows.append(row)
+    _attach_ratios(rows)
+    return rows
+
+
+def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> Path:
+    """Write a PNG: median time and peak memory vs N, one line per (impl, mode, shape)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    groups: dict[str, list[BenchRow]] = {}
+    for r in rows:
+        if r.median_ms is not None:
+            groups.setdefault(f"{r.impl} {r.mode} {r.shape} {r.dtype}", []).append(r)
+    for label, rs in sorted(groups.items()):
+        rs = sorted(rs, key=lambda r: r.N)
+        ns = [r.N for r in rs]
+        ax_t.plot(ns, [r.median_ms for r in rs], marker="o", label=label)
+        ax_m.plot(ns, [r.peak_mb for r in rs], marker="o", label=label)
+    for ax, what in ((ax_t, "median time (ms)"), (ax_m, "peak memory above inputs (MiB)")):
+        ax.set_xlabel("N (tokens)")
+        ax.set_ylabel(what)
+        ax.set_xscale("log", base=2)
+        ax.grid(alpha=0.3)
+    ax_m.legend(fontsize=7)
+    env = next((r.env for r in rows if r.env), {})
+    fig.suptitle(f"attrctl loss benchmark — {env.get('device_name', '')} torch {env.get('torch')}")
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_table(rows: Sequence[BenchRow]) -> str:
+    """A Markdown table of the rows (the README's benchmark table)."""
+
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    lines = [
+        "| impl | mode | shape (H×V) | N | dtype | median ms (min–max) | peak MiB | time/eager | mem/eager | time/compile |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if r.error:
+            lines.append(f"| {r.impl} | {r.mode} | {r.shape} | {r.N} | {r.dtype} | {r.error} |||||")
+            continue
+        lines.append(
+            f"| {r.impl} | {r.mode} | {r.shape} ({r.H}×{r.V}) | {r.N} | {r.dtype} | "
+            f"{f(r.median_ms, '.0f')} ({f(r.min_ms, '.0f')}–{f(r.max_ms, '.0f')}) | "
+            f"{f(r.peak_mb, '.0f')} | {f(r.time_vs_eager, '.2f')} | {f(r.mem_vs_eager, '.2f')} | "
+            f"{f(r.time_vs_compile, '.2f')} |"
+        )
+    return "\n".join(lines)
