@@ -110,6 +110,7 @@ def convert_gguf(gguf: Path, dest: Path) -> None:
     tok.model_max_length = int(getattr(clean_config, "max_position_embeddings", 2048))
 
     with atomic_dir(dest) as tmp:
+        tmp.chmod(0o755)  # mkdtemp makes it private; a model cache is ordinary readable data
         model.save_pretrained(str(tmp))
         tok.save_pretrained(str(tmp))
         manifest = {
@@ -178,6 +179,7 @@ def _lock(dest: Path) -> Iterator[None]:
     except ImportError:  # Windows: no concurrent-conversion protection, atomicity still holds
         yield
         return
+    dest.parent.mkdir(parents=True, exist_ok=True)
     lock_path = dest.parent / f".{dest.name}.lock"
     with open(lock_path, "w") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)

@@ -133,27 +133,51 @@ def load_pretrained(spec: str, *, dtype: torch.dtype, device: str) -> LoadedMode
     return _from_pretrained(spec, source, dtype=dtype, device=device)
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether the hub endpoint (``$HF_ENDPOINT`` or huggingface.co) accepts a TCP connection.
+
+    Without this probe an offline machine spends ~50 s in huggingface_hub's retries before the
+    inevitable failure; with it, we go straight to the local hub cache.
+    """
+    import os
+    import socket
+    from urllib.parse import urlparse
+
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on"):
+        return False
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    port = url.port or (80 if url.scheme == "http" else 443)
+    try:
+        socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
+
+
 def _from_pretrained(spec: str, source: str, *, dtype: torch.dtype, device: str) -> LoadedModel:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # Offline, a hub id can still load from the local hub cache (local_files_only).
+    offline = source == spec and not hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(source)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+        tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
     except Exception as err:  # hub/network/format errors come in many classes; all are user-facing
-        raise AttrctlError(_pretrained_failure(spec, source, err)) from err
+        raise AttrctlError(_pretrained_failure(spec, err, offline=offline)) from err
     finish(model, tok, device)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source)
 
 
-def _pretrained_failure(spec: str, source: str, err: Exception) -> str:
+def _pretrained_failure(spec: str, err: Exception, *, offline: bool) -> str:
     first = (str(err).strip().splitlines() or [type(err).__name__])[0]
     if len(first) > 300:
         first = first[:300] + "…"
     msg = f"could not load model {spec!r}: {type(err).__name__}: {first}"
-    if source == spec and not Path(spec).exists():
+    if offline:
         msg += (
-            "\n  hint: hub ids need access to huggingface.co (this machine may have none); "
-            "offline, use `bundled:smollm2-135m-instruct`, `tiny-random`, or a local folder "
-            "written by save_pretrained"
+            "\n  hint: the Hugging Face hub is unreachable from here (or HF_HUB_OFFLINE is set) and "
+            "this model is not in the local hub cache; offline, use "
+            "`bundled:smollm2-135m-instruct`, `tiny-random`, or a local folder written by "
+            "save_pretrained"
         )
     return msg + "\n  (run with --debug for the full traceback)"
