@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -56,6 +57,11 @@ def triton_support(device: torch.device | str) -> tuple[bool, str]:
     if device.type == "cuda":
         return True, ""
     if device.type == "cpu":
+        if interpreter_enabled() and _loaded_compiled():
+            return False, (
+                "TRITON_INTERPRET=1 was set after the Triton kernels were first loaded for the "
+                "GPU; set it before the first call into attrctl.kernels (start a new process)"
+            )
         if interpreter_enabled():
             return True, ""
         return False, (
@@ -67,6 +73,12 @@ def triton_support(device: torch.device | str) -> tuple[bool, str]:
         False,
         f"Triton kernels support CUDA (or CPU under TRITON_INTERPRET=1), not {device.type!r}",
     )
+
+
+def _loaded_compiled() -> bool:
+    # True when the kernel helpers were already decorated in compiled (GPU) mode
+    math = sys.modules.get("attrctl.kernels._math")
+    return math is not None and type(math._log1p).__name__ != "InterpretedFunction"
 
 
 def next_power_of_2(n: int) -> int:
