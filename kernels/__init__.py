@@ -3,7 +3,7 @@
 One kernel per module, each layered ``_op_*_kernel`` → ``op_forward``/``op_backward`` launcher →
 ``OpFunction(torch.autograd.Function)`` → the function below:
 
-* ``token_kl`` (``token_kl.py``) — KL(q_t ‖ p_t) per row from given logits.
+* ``token_kl`` (``kl.py``; not ``token_kl.py``, which would shadow this function once imported) — KL(q_t ‖ p_t) per row from given logits.
 * ``regularized_lm_loss`` (``fused_linear_reg.py``) — fused-linear CE + λ_t·KL from hidden
   states: torch matmuls per row chunk, one Triton sweep per row for the losses and the logits
   gradient.
@@ -36,8 +36,8 @@ def token_kl(
     mask: torch.Tensor | None,
     config: KernelConfig | None = None,
 ) -> torch.Tensor:
-    """KL(q_t ‖ p_t) per row; see :func:`attrctl.kernels.token_kl.token_kl`."""
-    from attrctl.kernels.token_kl import token_kl as impl
+    """KL(q_t ‖ p_t) per row; see :func:`attrctl.kernels.kl.token_kl`."""
+    from attrctl.kernels.kl import token_kl as impl
 
     return impl(logits, reg_logits, attr_weights, ref_logits, mask, config)
 

@@ -83,7 +83,9 @@ def _two_lse_step(lg, b, log_r, m_p, d_p, m_b, c, d_q, e_q, HAS_REF: tl.constexp
         m_b_new = tl.maximum(m_b, tl.max(b, 0))
         delta_b = tl.where(m_b == ninf, 0.0, m_b_new - m_b)
         u = (b - _safe(m_b_new)) + log_r
-        diff = u - x
+        # lanes with q = 0 (u = −inf) get diff 0, not −inf − (−inf); ℓ = −inf under q > 0 is +inf
+        dead = u == ninf
+        diff = tl.where(dead, 0.0, u) - tl.where(dead, 0.0, x)
     else:
         m_b_new = m_p_new
         delta_b = delta_p

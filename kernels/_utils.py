@@ -135,3 +135,25 @@ def pick_chunk_rows(n: int, v: int, h: int, chunk_size: int | None) -> int:
     inc_factor = -(-v // max(h, 1))  # ceil(V / H)
     rows = next_power_of_2(-(-max(n, 1) // inc_factor))
     return max(1, min(rows, max(n, 1)))
+
+
+def fast_fp32_matmul(x: torch.Tensor) -> bool:
+    """Whether ``torch.mm(a, b, out_dtype=torch.float32)`` can run for bf16/fp16 ``x`` here.
+
+    The fused-linear paths want fp32 logits (the losses are defined in fp32; rounding logits of
+    magnitude 30 to bf16 moves them by 0.06). On CUDA builds that provide ``aten::mm.dtype`` the
+    matmul keeps bf16 tensor-core speed and writes fp32; elsewhere the operands are upcast.
+    """
+    if x.dtype == torch.float32 or x.device.type != "cuda":
+        return False
+    try:
+        return bool(torch._C._dispatch_has_kernel_for_dispatch_key("aten::mm.dtype", "CUDA"))
+    except (AttributeError, RuntimeError):  # private API: absent → take the portable path
+        return False
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor, fast: bool) -> torch.Tensor:
+    """``a @ b`` with an fp32 result; ``fast`` from :func:`fast_fp32_matmul` (else upcast)."""
+    if fast:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # no copy for operands that are fp32 already

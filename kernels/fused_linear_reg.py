@@ -8,21 +8,25 @@ Maths (row t, ℓ_t = h_t Wᵀ, r_{k,t} = s_{k,t} W_kᵀ + b_k, λ_t per token, 
     ∂L/∂h    = G W,   ∂L/∂W = Gᵀ h,   G = [∂L/∂ℓ_t]_t scaled by the reduction
 
 Per row chunk of C rows, torch matmuls build the chunk's LM logits [C, V] and head logits
-[K, C, V]; then ``_fused_reg_lm_kernel`` (one program per row) sweeps the row twice: the online
-two-LSE pass of ``_math`` gives CE and KL, and the gradient pass overwrites the logits chunk in
-place with its gradient. Two more matmuls turn it into ∂L/∂h for the chunk and accumulate ∂L/∂W
-(fp32 accumulator). The gradients are thus computed during the forward call; backward only
-multiplies them by grad_output (skipped when it is 1).
+[K, C, V] in fp32 (bf16/fp16 inputs: ``torch.mm(..., out_dtype=float32)`` on CUDA builds that
+have it, which keeps tensor-core speed; otherwise the operands are upcast); then
+``_fused_reg_lm_kernel`` (one program per row) sweeps the row twice: the online two-LSE pass of
+``_math`` gives CE and KL, and the gradient pass overwrites the logits chunk in place with its
+gradient. Two more matmuls turn it into ∂L/∂h for the chunk and accumulate ∂L/∂W in an fp32
+buffer. The gradients are thus computed during the forward call; backward only multiplies them
+by grad_output (skipped when it is 1). fp32 logits are what makes this path as accurate as
+``eager``: rounding a logit of magnitude 30 to bf16 moves it by up to 0.06.
 
 ``reduction="none"`` with a per-token grad_output cannot reuse gradients built with a uniform
 scale (∂L/∂W mixes rows), so that case keeps only the loss in forward and re-runs the chunk loop
 in backward with the row scales set to grad_output (one extra forward matmul per chunk).
 
-Memory: the whole batch never holds [N, V]; at a time there are (1 + K)·C·V logits in the input
-dtype, the fp32 [V, H] gradient accumulator (a bf16 [V, H] temporary per chunk for bf16 inputs)
-and [N, H] gradients. With C ≈ N·H/V (``_utils.pick_chunk_rows``) the chunk logits are about the
-size of the hidden states. The kernel reads each logit and head logit twice and writes the
-logits once: ~(3 + 2K)·C·V·B bytes per chunk, instead of an eager fp32 path's ~10 [N, V] tensors.
+Memory: the whole batch never holds [N, V]; at a time there are (1 + K)·C·V fp32 logits, the
+fp32 [V, H] gradient accumulator (plus an fp32 copy of W on the portable path) and [N, H]
+gradients. With C ≈ N·H/V (``_utils.pick_chunk_rows``) the chunk logits are about the size of
+the hidden states. The kernel reads each logit and head logit twice and writes the logits once:
+~(3 + 2K)·C·V·4 bytes per chunk, against an eager path's ~10 fp32 [N, V] tensors, each written
+and read at least once.
 """
 
 from __future__ import annotations
@@ -33,7 +37,14 @@ import torch
 import triton
 import triton.language as tl
 from attrctl.kernels._math import _log_r_tile, _safe, _safe_log, _two_lse_step
-from attrctl.kernels._utils import KernelConfig, pick_block_v, pick_chunk_rows, pick_num_warps
+from attrctl.kernels._utils import (
+    KernelConfig,
+    fast_fp32_matmul,
+    mm_f32,
+    pick_block_v,
+    pick_chunk_rows,
+    pick_num_warps,
+)
 
 from attrctl.losses.types import LossOptions, LossOutput, RegHead
 
@@ -118,15 +129,13 @@ class FusedRegOptions:
     kernel: KernelConfig
 
 
-def _head_logits(heads: list[RegHead], start: int, end: int, v: int, out: torch.Tensor) -> None:
-    """Write r_k = s_k Wₖᵀ + b_k for rows [start, end) into ``out`` [K, C, V]."""
+def _head_logits(heads: list[RegHead], start: int, end: int, fast: bool, out: torch.Tensor) -> None:
+    """Write r_k = s_k Wₖᵀ + b_k for rows [start, end) into the fp32 buffer ``out`` [K, C, V]."""
     for k, head in enumerate(heads):
-        states = head.states[start:end].to(out.dtype)  # [C, Hk]
-        weight = head.weight.to(out.dtype)  # [V, Hk]
-        if head.bias is None:
-            torch.mm(states, weight.T, out=out[k, : end - start])
-        else:
-            torch.addmm(head.bias.to(out.dtype), states, weight.T, out=out[k, : end - start])
+        dst = out[k, : end - start]  # [C, V]
+        dst.copy_(mm_f32(head.states[start:end], head.weight.T, fast))
+        if head.bias is not None:
+            dst += head.bias.float()
 
 
 def fused_reg_lm_forward(
@@ -156,12 +165,12 @@ def fused_reg_lm_forward(
         need_weight_grad: compute ∂L/∂lm_weight.
 
     Returns:
-        ``(ce [N] fp32, kl [N] fp32, grad_hidden [N, H] | None, grad_weight [V, H] | None)``.
+        ``(ce [N] fp32, kl [N] fp32, grad_hidden [N, H] | None, grad_weight [V, H] fp32 | None)``.
     """
     n, h = hidden.shape
     v = lm_weight.shape[0]
     k = len(heads)
-    device, dtype = hidden.device, hidden.dtype
+    device = hidden.device
     compute_grad = row_scale is not None and (need_hidden_grad or need_weight_grad)
     ce = torch.zeros(n, device=device, dtype=torch.float32)
     kl = torch.zeros(n, device=device, dtype=torch.float32)
@@ -174,9 +183,9 @@ def fused_reg_lm_forward(
     )
     if n == 0:
         return ce, kl, grad_hidden, grad_weight
-    reg_dtype = dtype
-    for head in heads:
-        reg_dtype = torch.promote_types(reg_dtype, head.weight.dtype)
+    fast = fast_fp32_matmul(hidden)
+    # portable path: upcast the weight once (not per chunk); the fast path reads it as is
+    weight = lm_weight.to(hidden.dtype) if fast else lm_weight.float()
     chunk = pick_chunk_rows(n, v, h, opts.loss.chunk_size)
     block_v = pick_block_v(v, opts.kernel)
     num_warps = pick_num_warps(block_v, opts.kernel)
@@ -184,27 +193,27 @@ def fused_reg_lm_forward(
     labels = labels.contiguous()
     lam = lam.to(torch.float32).contiguous()
     scale = lam if row_scale is None else row_scale.to(torch.float32).contiguous()
-    weight = lm_weight.to(dtype)
-    reg = torch.empty((max(k, 1), chunk, v), device=device, dtype=reg_dtype)
+    reg = torch.empty((max(k, 1), chunk, v), device=device, dtype=torch.float32)
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        rows = end - start
         h_c = hidden[start:end]  # [C, H]
-        logits = h_c @ weight.T  # [C, V], overwritten with its gradient by the kernel
-        _head_logits(heads, start, end, v, reg)
-        _fused_reg_lm_kernel[(rows,)](
+        logits = mm_f32(h_c, weight.T, fast)  # [C, V] fp32, overwritten with its gradient
+        _head_logits(heads, start, end, fast, reg)
+        _fused_reg_lm_kernel[(end - start,)](
             logits, logits.stride(0), reg, reg.stride(0), reg.stride(1), w32,
             labels[start:end], lam[start:end], scale[start:end], ce[start:end], kl[start:end],
             v, k, opts.loss.ignore_index,
             COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
+        if not compute_grad:
+            continue
+        # fast path: the logits gradient enters the matmuls in the input dtype, as autograd
+        # would hand it to a bf16 LM head; portable path: everything stays fp32
+        g_c = logits.to(weight.dtype)
         if grad_hidden is not None:
-            torch.mm(logits, weight, out=grad_hidden[start:end])  # [C, V] @ [V, H]
+            grad_hidden[start:end] = mm_f32(g_c, weight, fast)  # [C, V] @ [V, H]
         if grad_weight is not None:
-            if dtype == torch.float32:
-                grad_weight.addmm_(logits.T, h_c)  # [V, C] @ [C, H]
-            else:
-                grad_weight += (logits.T @ h_c).float()
+            grad_weight += mm_f32(g_c.T, h_c.to(weight.dtype), fast)  # [V, C] @ [C, H]
     return ce, kl, grad_hidden, grad_weight
 
 

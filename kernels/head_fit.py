@@ -21,8 +21,8 @@ a_t from token 0, as there). Split of the work:
 * torch matmuls turn that chunk gradient into ∂L/∂s, ∂L/∂U, ∂L/∂b; after the last chunk, the
   gradient through a_t (which needs m_{t+1} from the next row) is added with index_add.
 
-Memory and traffic: the same argument as ``fused_linear_reg``: [C, V] LM and head logits per
-chunk, read twice by the kernel, the head logits written once; the frozen LM gets no gradient.
+Memory and traffic: the same argument as ``fused_linear_reg``: fp32 [C, V] LM and head logits
+per chunk, read twice by the kernel, the head logits written once; the frozen LM gets no gradient.
 ``reduction="none"`` with a per-row grad_output re-runs the chunk loop in backward.
 """
 
@@ -35,7 +35,14 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from attrctl.kernels._math import _log_sigmoid, _safe, _safe_log, _two_lse_step
-from attrctl.kernels._utils import KernelConfig, pick_block_v, pick_chunk_rows, pick_num_warps
+from attrctl.kernels._utils import (
+    KernelConfig,
+    fast_fp32_matmul,
+    mm_f32,
+    pick_block_v,
+    pick_chunk_rows,
+    pick_num_warps,
+)
 
 from attrctl.losses.types import HeadFitOutput, LossOptions
 
@@ -153,7 +160,11 @@ def head_fit_forward(
     scale = scale.to(torch.float32).contiguous()
     coef = (opts.mu * scale).contiguous()
     pair_i8 = pair_mask.to(torch.int8).contiguous()
-    g_states = torch.zeros_like(states) if compute_grad and needs[0] else None
+    g_states = (  # fp32 until backward casts: the a_t term below is added to the chunk term
+        torch.zeros(n, hk, device=device, dtype=torch.float32)
+        if compute_grad and needs[0]
+        else None
+    )
     g_weight = (
         torch.zeros(v, hk, device=device, dtype=torch.float32)
         if compute_grad and needs[1]
@@ -165,25 +176,32 @@ def head_fit_forward(
     chunk = pick_chunk_rows(n, v, max(h, hk), opts.loss.chunk_size)
     block_v = pick_block_v(v, opts.kernel)
     num_warps = pick_num_warps(block_v, opts.kernel)
-    lm_w = lm_weight.to(hidden.dtype)
-    u = weight.to(states.dtype)  # the head's matmuls run in its states' dtype
+    fast = fast_fp32_matmul(states)
+    # fp32 logits as in fused_linear_reg; the portable path upcasts each weight once
+    lm_w = lm_weight.to(hidden.dtype) if fast else lm_weight.float()
+    u = weight.to(states.dtype) if fast else weight.float()
+    b32 = None if bias is None else bias.float()
     for start in range(0, n, chunk):
         end = min(start + chunk, n)
-        s_c = states[start:end]  # [C, Hk]
-        logits = hidden[start:end] @ lm_w.T  # [C, V] frozen LM
-        r = s_c @ u.T if bias is None else torch.addmm(bias.to(s_c.dtype), s_c, u.T)  # [C, V]
+        s_c = states[start:end].to(u.dtype)  # [C, Hk]
+        logits = mm_f32(hidden[start:end].to(lm_w.dtype), lm_w.T, fast)  # [C, V] frozen LM
+        r = mm_f32(s_c, u.T, fast)  # [C, V] fp32, overwritten with ∂L/∂r
+        if b32 is not None:
+            r += b32
         _head_fit_kernel[(end - start,)](
             logits, logits.stride(0), r, r.stride(0), prev[start:end], pair_i8[start:end],
             coef[start:end], m[start:end], v,
             COMPUTE_GRAD=compute_grad, BLOCK_V=block_v, num_warps=num_warps,
         )  # fmt: skip
-        # r now holds ∂L/∂r of the chunk (consistency part through m_t)
-        if g_states is not None:
-            torch.mm(r, u, out=g_states[start:end])  # [C, V] @ [V, Hk]
-        if g_weight is not None:
-            g_weight += (r.T @ s_c).float()  # [V, C] @ [C, Hk]
+        if not compute_grad:
+            continue
         if g_bias is not None:
-            g_bias += r.float().sum(0)
+            g_bias += r.sum(0)
+        g_r = r.to(u.dtype)  # the fast path's matmuls take the input dtype
+        if g_states is not None:
+            g_states[start:end] = mm_f32(g_r, u, fast)  # [C, V] @ [V, Hk]
+        if g_weight is not None:
+            g_weight += mm_f32(g_r.T, s_c, fast)  # [V, C] @ [C, Hk]
     bce = F.binary_cross_entropy_with_logits(a, labels.float(), reduction="none")
     bce = torch.where(mask, bce, torch.zeros_like(bce))
     cons = torch.where(pair_mask, (prev - m) ** 2, torch.zeros_like(m))
@@ -193,7 +211,7 @@ def head_fit_forward(
         nxt[:-1] = (2.0 * opts.mu * scale * pair_mask * (prev - m))[1:]
         ga = scale * mask * (torch.sigmoid(a) - labels.float()) + nxt * torch.sigmoid(-a)  # [N]
         if g_states is not None:
-            g_states += (ga[:, None] * weight[tok].float()).to(g_states.dtype)
+            g_states += ga[:, None] * weight[tok].float()
         if g_weight is not None:
             g_weight.index_add_(0, tok, ga[:, None] * states.float())
         if g_bias is not None:
