@@ -38,3 +38,9 @@ def pytest_configure(config):
     # Keep tests hermetic: no hub access even if a network appeared.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    # Triton reads TRITON_INTERPRET when a kernel is first loaded, so it must be set before any
+    # test runs one: without CUDA the kernels run on CPU tensors under the interpreter.
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
