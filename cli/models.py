@@ -24,7 +24,8 @@ def info(
         typer.echo(json.dumps(desc, indent=2))
         return
     desc["parameters"] = f"{desc['parameters'] / 1e6:.1f}M ({desc['parameters']:,})"
-    desc["vocab_size"] = f"{desc['vocab_size']:,}"
+    for key in ("vocab_size", "tokenizer_size"):
+        desc[key] = f"{desc[key]:,}"
     for key, value in desc.items():
         typer.echo(f"{key:<16} {value}")
 
