@@ -1,0 +1,168 @@
+"""`attrctl data synth`: per-row seeded sampling, labelling, resumption after interruptions."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from attrctl.data.synth import read_rows, row_seed, sample_continuations, synthesize
+from attrctl.errors import AttrctlError
+from attrctl.policy.schema import Policy
+
+LIMIT = 3  # prompts per set → 2 sets × 3 prompts × 2 samples = 12 rows in batches of 5
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    from attrctl.models import load_model
+
+    return load_model("tiny-random")
+
+
+def make_policy(tmp_path, seed=0, **synth) -> Policy:
+    src = {"kind": "synth", "domain": "toxic", "samples_per_prompt": 2, "max_new_tokens": 6}
+    raw = {
+        "name": "t",
+        "model": "tiny-random",
+        "data": [{**src, "batch_size": 5, **synth}],
+        "attributes": [
+            # two attributes: `score` mirrors the first, `scores` holds both
+            {"name": "tox", "oracle": {"kind": "regex", "patterns": ["[aeiou]{1}"]}},
+            {"name": "caps", "oracle": {"kind": "regex", "patterns": ["[A-Z]"]}},
+        ],
+        "output_dir": str(tmp_path / "run"),
+        "seed": seed,
+    }
+    return Policy.model_validate(raw, context={"base_dir": tmp_path})
+
+
+def run(policy, out, tiny, **kw):
+    return synthesize(policy, out, model=tiny, limit=LIMIT, progress=False, **kw)
+
+
+def test_rows_are_labelled_and_complete(tmp_path, tiny):
+    out = tmp_path / "s.jsonl"
+    rep = run(make_policy(tmp_path), out, tiny)
+    rows = read_rows(out)
+    assert rep.rows_written == rep.rows_total == len(rows) == 12 and rep.complete
+    keys = [(r["prompt_set"], r["prompt_index"], r["sample"]) for r in rows]
+    assert keys == [(s, p, k) for s in ("toxic", "neutral") for p in range(3) for k in range(2)]
+    for r in rows:
+        assert r["score"] == r["scores"]["tox"] and set(r["scores"]) == {"tox", "caps"}
+        want = float(any(c in "aeiou" for c in r["continuation"]))  # the regex oracle is 0/1
+        assert r["score"] == want
+        assert r["domain"] == "toxic" and r["model"] == "tiny-random" and r["seed"] == 0
+        assert 0 <= r["new_tokens"] <= 6
+    assert rep.per_set["toxic"]["rows"] == 6
+    assert rep.new_tokens == sum(r["new_tokens"] for r in rows)
+    # samples of one prompt differ (each row has its own seed)
+    assert rows[0]["continuation"] != rows[1]["continuation"]
+
+
+def test_same_seed_same_file_other_seed_other_rows(tmp_path, tiny):
+    a, b, c = (tmp_path / f"{x}.jsonl" for x in "abc")
+    run(make_policy(tmp_path), a, tiny)
+    run(make_policy(tmp_path), b, tiny)
+    run(make_policy(tmp_path, seed=1), c, tiny)
+    assert a.read_bytes() == b.read_bytes()
+    conts = lambda p: [r["continuation"] for r in read_rows(p)]  # noqa: E731
+    assert conts(a) != conts(c)
+
+
+def test_stopped_run_resumes_to_the_uninterrupted_file(tmp_path, tiny):
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    run(make_policy(tmp_path), full, tiny)
+    first = run(make_policy(tmp_path), part, tiny, stop_after=1)
+    assert first.rows_written == 5 and not first.complete
+    rest = run(make_policy(tmp_path), part, tiny)
+    assert rest.rows_written == 7 and rest.complete
+    assert part.read_bytes() == full.read_bytes()
+    again = run(make_policy(tmp_path), part, tiny)  # nothing left: no duplicates
+    assert again.rows_written == 0 and part.read_bytes() == full.read_bytes()
+
+
+def test_half_written_line_is_dropped_and_regenerated(tmp_path, tiny):
+    full, part = tmp_path / "full.jsonl", tmp_path / "part.jsonl"
+    run(make_policy(tmp_path), full, tiny)
+    data = full.read_bytes()
+    lines = data.splitlines(keepends=True)
+    # interrupted inside row 7 (the middle of the second batch of 5)
+    cut = sum(map(len, lines[:7])) + len(lines[7]) // 2
+    part.write_bytes(data[:cut])
+    rep = run(make_policy(tmp_path), part, tiny)
+    assert rep.dropped_partial_line
+    assert rep.rows_written == 5  # rows 7..11: the rest of batch 2 and batch 3
+    assert part.read_bytes() == data
+
+
+def test_other_settings_or_corrupt_rows_refuse_to_append(tmp_path, tiny):
+    out = tmp_path / "s.jsonl"
+    run(make_policy(tmp_path), out, tiny)
+    before = out.read_bytes()
+    with pytest.raises(AttrctlError, match=r"other settings \(seed: 0 in the file vs 1 now\)"):
+        run(make_policy(tmp_path, seed=1), out, tiny)
+    with pytest.raises(AttrctlError, match="gen"):
+        run(make_policy(tmp_path, max_new_tokens=7), out, tiny)
+    assert out.read_bytes() == before  # nothing written is lost
+    lines = before.splitlines(keepends=True)
+    out.write_bytes(b"".join([*lines[:3], b"{oops\n", *lines[3:]]))
+    with pytest.raises(AttrctlError, match=r"s\.jsonl:4: corrupt row"):
+        run(make_policy(tmp_path), out, tiny)
+
+
+def test_a_row_does_not_depend_on_its_batch(tiny):
+    # The same (prompt, seed) alone and left-padded next to a longer prompt: the attention mask
+    # must make padding invisible, and the row's generator is its own. (Llama's RoPE is
+    # shift-invariant, so this checks the mask, not the position ids.)
+    alone = sample_continuations(
+        tiny.model, tiny.tokenizer, ["Shut up, you"], [7], max_new_tokens=8
+    )
+    batched = sample_continuations(
+        tiny.model,
+        tiny.tokenizer,
+        ["a much longer prompt that forces left padding on the other row", "Shut up, you"],
+        [123, 7],
+        max_new_tokens=8,
+    )
+    assert batched[1] == alone[0]
+    assert row_seed(0, "toxic", 1, 0) != row_seed(0, "toxic", 1, 1) != row_seed(1, "toxic", 1, 0)
+    assert row_seed(0, "/a/b/mine.txt", 1, 0) == row_seed(0, "/c/mine.txt", 1, 0)
+
+
+def test_near_zero_temperature_matches_greedy_decoding(tiny):
+    # Sampling at T→0 is argmax: the cached loop must agree with transformers' own greedy search.
+    prompts = ["He looked at me and said", "The weather forecast"]
+    ours = sample_continuations(
+        tiny.model, tiny.tokenizer, prompts, [0, 1], max_new_tokens=6, temperature=1e-6
+    )
+    enc = tiny.tokenizer(prompts, return_tensors="pt", padding=True)
+    with torch.inference_mode():
+        ref = tiny.model.generate(
+            **enc, do_sample=False, max_new_tokens=6, pad_token_id=tiny.tokenizer.pad_token_id
+        )[:, enc["input_ids"].shape[1] :]
+    for mine, theirs in zip(ours, ref.tolist(), strict=True):
+        assert mine == theirs[: len(mine)] and len(mine) > 0
+
+
+def test_cli_synth_writes_rows_and_rejects_bad_input(tmp_path, run_cli):
+    policy = tmp_path / "p.yaml"
+    policy.write_text(
+        "name: p\nmodel: tiny-random\n"
+        "data: [{kind: synth, domain: toxic, samples_per_prompt: 1, max_new_tokens: 4}]\n"
+        "attributes: [{name: tox, oracle: {kind: lexicon, words: [idiot]}}]\n"
+    )
+    out = tmp_path / "o.jsonl"
+    code, stdout, _ = run_cli(
+        "data", "synth", "--policy", policy, "--out", out, "--limit", "2", "-q"
+    )
+    assert code == 0 and "4 rows (4 new" in stdout and "toxic" in stdout
+    assert len(read_rows(out)) == 4
+    code, _, err = run_cli(
+        "data", "synth", "--policy", policy, "--out", out, "--set", "seed=3", "-q"
+    )
+    assert code == 2 and "other settings" in err and "Traceback" not in err
+    code, _, err = run_cli("data", "synth", "--policy", tmp_path / "missing.yaml", "-q")
+    assert code == 2 and "missing.yaml" in err
+    assert json.loads(out.read_text().splitlines()[0])["prompt_set"] == "toxic"
