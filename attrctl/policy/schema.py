@@ -111,7 +111,10 @@ class _SourceBase(StrictModel):
         "regularization (e.g. `toxic`, `general`).",
     )
     weight: float = Field(
-        1.0, gt=0, description="Mixture weight: sampling probability ∝ weight (not ∝ size)."
+        1.0,
+        gt=0,
+        description="Mixture weight: each example is drawn from this source with probability "
+        "∝ weight (not ∝ its size; sources with longer examples get more tokens).",
     )
     max_examples: int | None = Field(
         None, gt=0, description="Use at most this many examples of the source (None: all)."
@@ -170,10 +173,16 @@ class SynthSource(_SourceBase):
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
     temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    batch_size: int = Field(32, ge=1, description="Prompts sampled together.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Continuations (prompt × sample) sampled together; also the unit a "
+        "resumed run restarts from.",
+    )
     path: str | None = Field(
         None,
-        description="Where the labelled jsonl lives; default `<output_dir>/data/synth.jsonl`.",
+        description="Where the labelled jsonl lives, relative to the working directory (like "
+        "`output_dir`); default `<output_dir>/data/synth.jsonl`.",
     )
 
     @field_validator("prompts")
