@@ -222,7 +222,17 @@ def make_call(impl: str) -> Callable[[dict], torch.Tensor]:
     return call
 
 
-def _step(call, inp: dict, mode: str) -> torch.Tensor:
+def make_step_inputs(spec: RowSpec) -> dict:
+    """:func:`make_inputs`, with gradients requested on the trained tensors for ``fwd_bwd``."""
+    inp = make_inputs(spec)
+    if spec.mode == "fwd_bwd":
+        inp["hidden"].requires_grad_()
+        inp["lm_weight"].requires_grad_()
+    return inp
+
+
+def run_step(call, inp: dict, mode: str) -> torch.Tensor:
+    """One timed unit: a forward (no grad) or a forward + backward of ``call`` on ``inp``."""
     if mode == "fwd":
         with torch.no_grad():
             return call(inp)
@@ -281,15 +291,12 @@ def measure(spec: RowSpec) -> BenchRow:
     row = BenchRow(
         **{k: getattr(spec, k) for k in BenchRow.__dataclass_fields__ if hasattr(spec, k)}
     )
-    inp = make_inputs(spec)
-    if spec.mode == "fwd_bwd":
-        inp["hidden"].requires_grad_()
-        inp["lm_weight"].requires_grad_()
+    inp = make_step_inputs(spec)
     call = make_call(spec.impl)
     cuda = spec.device.startswith("cuda")
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     for _ in range(spec.warmup):
-        _step(call, inp, spec.mode)
+        run_step(call, inp, spec.mode)
     sync()
     inp["hidden"].grad = inp["lm_weight"].grad = None
     gc.collect()
@@ -309,7 +316,7 @@ def measure(spec: RowSpec) -> BenchRow:
     for _ in range(spec.repeats):
         sync()
         t0 = time.perf_counter()
-        _step(call, inp, spec.mode)
+        run_step(call, inp, spec.mode)
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
         inp["hidden"].grad = inp["lm_weight"].grad = None

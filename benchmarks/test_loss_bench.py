@@ -10,8 +10,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrctl.bench import MODEL_SHAPES, RowSpec, check_correctness, environment, make_call
-from attrctl.bench import make_inputs as bench_inputs
+from attrctl.bench import (
+    MODEL_SHAPES,
+    RowSpec,
+    check_correctness,
+    environment,
+    make_call,
+    make_step_inputs,
+    run_step,
+)
 
 IMPLS = ["eager", "chunked"] + (["triton"] if torch.cuda.is_available() else [])
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -26,20 +33,7 @@ def test_loss(benchmark, impl, mode, n, shape):
     spec = RowSpec(impl, mode, shape, h, v, n, device=DEVICE)
     if impl != "eager":
         check_correctness(spec)  # correctness before timing
-    inp = bench_inputs(spec)
-    if mode == "fwd_bwd":
-        inp["hidden"].requires_grad_()
-        inp["lm_weight"].requires_grad_()
+    inp = make_step_inputs(spec)
     call = make_call(impl)
     benchmark.extra_info.update({"H": h, "V": v, "N": n, **environment(DEVICE)})
-
-    def step():
-        if mode == "fwd":
-            with torch.no_grad():
-                return call(inp)
-        inp["hidden"].grad = inp["lm_weight"].grad = None
-        loss = call(inp)
-        loss.backward()
-        return loss
-
-    benchmark.pedantic(step, rounds=3, warmup_rounds=1)
+    benchmark.pedantic(run_step, args=(call, inp, mode), rounds=3, warmup_rounds=1)
