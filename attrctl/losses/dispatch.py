@@ -12,7 +12,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import logging
-import os
 from collections.abc import Sequence
 from types import ModuleType
 
@@ -29,18 +28,12 @@ _LOGGED: set[tuple[str, str]] = set()
 
 
 def _triton_unavailable_reason(device: torch.device) -> str | None:
-    """Why the Triton path cannot run here, or None when it can."""
-    if importlib.util.find_spec("triton") is None:
-        return "Triton is not installed (pip install triton)"
-    interpret = os.environ.get("TRITON_INTERPRET", "") == "1"
-    if device.type != "cuda" and not interpret:
-        return (
-            f"tensors are on {device.type!s}, not CUDA, and TRITON_INTERPRET=1 is not set "
-            "(set it to run the kernels on the CPU interpreter, slowly)"
-        )
-    if device.type == "cuda" and interpret:
-        return "TRITON_INTERPRET=1 runs kernels on the CPU but the tensors are on CUDA"
-    return None
+    """Why the Triton path cannot run here, or None when it can (the kernels package decides;
+    importing it does not import Triton)."""
+    from attrctl.kernels import triton_support
+
+    ok, reason = triton_support(device)
+    return None if ok else reason
 
 
 def resolve_impl(impl: str, device: torch.device, op: str = "regularized_lm_loss") -> str:
