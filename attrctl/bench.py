@@ -286,11 +286,16 @@ def _reset_hwm() -> bool:
         return False
 
 
-def measure(spec: RowSpec) -> BenchRow:
-    """Time one row in *this* process (use :func:`run_row` for isolated CPU memory figures)."""
-    row = BenchRow(
+def _row_for(spec: RowSpec) -> BenchRow:
+    """An untimed row carrying the spec's identifying fields."""
+    return BenchRow(
         **{k: getattr(spec, k) for k in BenchRow.__dataclass_fields__ if hasattr(spec, k)}
     )
+
+
+def measure(spec: RowSpec) -> BenchRow:
+    """Time one row in *this* process (use :func:`run_row` for isolated CPU memory figures)."""
+    row = _row_for(spec)
     inp = make_step_inputs(spec)
     call = make_call(spec.impl)
     cuda = spec.device.startswith("cuda")
@@ -346,8 +351,15 @@ def run_row(spec: RowSpec, isolate: bool | None = None) -> BenchRow:
         check=False,
     )
     if proc.returncode != 0:
-        tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
-        raise AttrctlError(f"benchmark row {spec.impl}/{spec.mode} failed: {' | '.join(tail)}")
+        # A row that fails (an out-of-memory kill at a large shape, say) is reported as a row
+        # with `error`, so one bad row does not throw away the others.
+        if proc.returncode < 0:
+            why = f"worker killed by signal {-proc.returncode} (out of memory?)"
+        else:
+            why = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]) or "no output"
+        row = _row_for(spec)
+        row.error = f"failed: {why}"
+        return row
     return BenchRow(**json.loads(proc.stdout.strip().splitlines()[-1]))
 
 

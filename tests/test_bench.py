@@ -36,6 +36,15 @@ def test_correctness_gate_rejects_unknown_and_checks_values():
         run_loss_benchmark(shapes=["gpt9"], ns=[8])
 
 
+def test_a_failing_row_is_reported_not_fatal():
+    """A worker that dies (here: an unknown dtype) gives a row with `error`, not an exception."""
+    from attrctl.bench import run_row
+
+    row = run_row(RowSpec("chunked", "fwd_bwd", "t", 16, 300, 8, dtype="fp7"), isolate=True)
+    assert row.error and row.error.startswith("failed:")
+    assert row.median_ms is None and (row.impl, row.N) == ("chunked", 8)
+
+
 def test_cli_json_and_plot(tmp_path, capsys):
     png = tmp_path / "bench.png"
     code = main(
