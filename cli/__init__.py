@@ -21,18 +21,24 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 
-_DEBUG = {"on": False}
+_REGISTERED: list[bool] = []
 
 
 @app.callback()
 def _root(
     debug: bool = typer.Option(False, "--debug", help="Show full tracebacks on errors."),
 ) -> None:
-    _DEBUG["on"] = debug
+    # `--debug` is read from argv in main(): it must also apply to errors raised before or
+    # outside a command. Declaring it here makes click accept it and list it in --help.
+    del debug
 
 
 def _register() -> None:
-    # Imported here, not at module top, so `attrctl --help` stays fast and each group owns its file.
+    """Attach the command groups, once. Done on first use rather than at import, so that
+    `import attrctl.cli` stays light (some groups import torch)."""
+    if _REGISTERED:
+        return
+    _REGISTERED.append(True)
     from attrctl.cli import assets, bench, data, models, oracle, policy, stubs
 
     app.add_typer(policy.app, name="policy")
@@ -48,12 +54,12 @@ def main(argv: list[str] | None = None) -> int:
     """Console-script entry point. Returns the process exit code."""
     _register()
     args = sys.argv[1:] if argv is None else argv
-    _DEBUG["on"] = "--debug" in args
+    debug = "--debug" in args
     try:
         # standalone mode: click prints usage errors itself and exits 2; we add AttrctlError.
         app(args=args, standalone_mode=True)
     except AttrctlError as err:
-        if _DEBUG["on"]:
+        if debug:
             raise
         typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
         return err.exit_code
