@@ -43,13 +43,28 @@ CHUNK_BUDGET_BYTES = 192 * 2**20
 _N_BUFFERS = 3
 
 
-def pick_chunk_size(n: int, v: int, chunk_size: int | None = None) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else the most rows whose buffers fit the budget."""
+def pick_chunk_size(n: int, v: int, chunk_size: int | None = None, h: int = 0) -> int:
+    """Rows per chunk: ``chunk_size`` if given, else the most rows whose buffers fit the budget.
+
+    The budget is :data:`CHUNK_BUDGET_BYTES`, or a quarter of the fp32 ``[V, H]`` weight
+    gradient when that is larger (Llama-3: 2 GiB → 512 MiB). The weight gradient has to exist
+    anyway, and each chunk re-reads and re-writes all of it (``grad_W += Tᵀ x``), so at large
+    ``V·H`` bigger chunks trade a small memory increase for far fewer passes over it.
+    """
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
-    rows = CHUNK_BUDGET_BYTES // (_N_BUFFERS * 4 * max(v, 1))
+    budget = max(CHUNK_BUDGET_BYTES, v * h)  # v·h·4 bytes / 4
+    rows = budget // (_N_BUFFERS * 4 * max(v, 1))
     rows = max(8, rows - rows % 8)  # a multiple of 8 keeps the matmul tiles aligned
     return max(1, min(rows, n))
+
+
+def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor | None:
+    """``grad · grad_out`` for a scalar ``grad_out``, without a copy when it is exactly 1 (the
+    usual ``loss.backward()``): a copy of a ``[V, H]`` gradient would double its memory."""
+    if grad is None or (grad_out.numel() == 1 and grad_out.item() == 1.0):
+        return grad
+    return grad * grad_out.float()
 
 
 def _lse_from_softmax(row_max: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
@@ -102,7 +117,7 @@ def _reg_pass(
     if n == 0:
         return ce, kl, grad_h, grad_w
     w32 = lm_weight.float()  # no copy for fp32 weights
-    c = pick_chunk_size(n, v, chunk_size)
+    c = pick_chunk_size(n, v, chunk_size, h)
     a_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
     b_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
     t_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
@@ -198,8 +213,7 @@ class _RegularizedLMLoss(torch.autograd.Function):
         else:
             # gradients were computed in the forward pass; backward only scales them
             g_h, g_w, idx = ctx.saved_tensors
-            g_h = None if g_h is None else g_h * grad_loss.float()
-            g_w = None if g_w is None else g_w * grad_loss.float()
+            g_h, g_w = _scaled(g_h, grad_loss), _scaled(g_w, grad_loss)
         grad_hidden = _scatter_rows(ctx.n, idx, g_h).to(ctx.dtypes[0]) if need_h else None
         grad_weight = g_w.to(ctx.dtypes[1]) if need_w else None
         return grad_hidden, grad_weight, None, None, None, None, None
@@ -331,7 +345,7 @@ def _head_pass(
         return m, g_s, g_w, g_b
     w32, wh = lm_weight.float(), weight.float()
     b32 = None if bias is None else bias.float()
-    c = pick_chunk_size(n, v, chunk_size)
+    c = pick_chunk_size(n, v, chunk_size, hk)
     a_buf, b_buf, t_buf = (torch.empty(c, v, dtype=torch.float32, device=dev) for _ in range(3))
     for s in range(0, n, c):
         e = min(s + c, n)
@@ -460,9 +474,7 @@ class _HeadFitLoss(torch.autograd.Function):
         if ctx.opts.reduction == "none":
             _, g_s, g_w, g_b = _head_grads(ctx.vals, grad_loss.float())
         else:
-            g_s, g_w, g_b = (
-                None if g is None else g * grad_loss.float() for g in ctx.saved_tensors
-            )
+            g_s, g_w, g_b = (_scaled(g, grad_loss) for g in ctx.saved_tensors)
         out = [
             None if g is None else g.to(dt)
             for g, dt in zip((g_s, g_w, g_b), ctx.dtypes, strict=True)
