@@ -213,13 +213,18 @@ def _clean_loc(loc: Sequence[str | int], data: Any) -> list[str | int]:
 
 
 def _is_tag(part: str) -> bool:
-    from attrctl.oracles.specs import BUILTIN_SPECS
+    """Whether a location part is a union tag pydantic added: a source or oracle ``kind``
+    (``plugin`` for entry-point oracles) or a validator name like ``function-after[...]``."""
+    import typing
 
-    return (
-        part in BUILTIN_SPECS
-        or part in ("plugin", "file", "hub", "bundled", "synth")
-        or ("[" in part)
-    )
+    from attrctl.oracles.specs import BUILTIN_SPECS
+    from attrctl.policy.schema import DataSource
+
+    source_kinds = {
+        model.model_fields["kind"].default
+        for model in typing.get_args(typing.get_args(DataSource)[0])
+    }
+    return part in BUILTIN_SPECS or part in source_kinds or part == "plugin" or "[" in part
 
 
 def _line_of(node: yaml.Node | None, loc: Sequence[str | int]) -> int | None:
