@@ -158,32 +158,18 @@ class BundledSource(_SourceBase):
     )
 
 
-class SynthSource(_SourceBase):
-    """Continuations of prompt sets sampled from the policy's base model and labelled by the
-    attributes' oracles (`attrctl data synth`), the way the paper builds toxic-domain data."""
+class _PromptSampling(StrictModel):
+    """What to sample: prompt sets, continuations per prompt and their length. Shared by the
+    synthesized data source and the regularizer-fitting settings, so both default alike."""
 
-    kind: Literal["synth"] = "synth"
     prompts: list[str] = Field(
         ["toxic", "neutral"],
         min_length=1,
         description="Prompt sets: bundled names (`toxic`, `neutral`) or paths to text files "
-        "(one prompt per line).",
+        "(one prompt per line), relative to the policy file.",
     )
     samples_per_prompt: int = Field(4, ge=1, description="Continuations sampled per prompt.")
     max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
-    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    batch_size: int = Field(
-        32,
-        ge=1,
-        description="Continuations (prompt × sample) sampled together; also the unit a "
-        "resumed run restarts from.",
-    )
-    path: str | None = Field(
-        None,
-        description="Where the labelled jsonl lives, relative to the working directory (like "
-        "`output_dir`); default `<output_dir>/data/synth.jsonl`.",
-    )
 
     @field_validator("prompts")
     @classmethod
@@ -203,6 +189,26 @@ class SynthSource(_SourceBase):
                 )
             out.append(str(path.resolve()))
         return out
+
+
+class SynthSource(_PromptSampling, _SourceBase):
+    """Continuations of prompt sets sampled from the policy's base model and labelled by the
+    attributes' oracles (`attrctl data synth`), the way the paper builds toxic-domain data."""
+
+    kind: Literal["synth"] = "synth"
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature.")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    batch_size: int = Field(
+        32,
+        ge=1,
+        description="Continuations (prompt × sample) sampled together; also the unit a "
+        "resumed run restarts from.",
+    )
+    path: str | None = Field(
+        None,
+        description="Where the labelled jsonl lives, relative to the working directory (like "
+        "`output_dir`); default `<output_dir>/data/synth.jsonl`.",
+    )
 
 
 DataSource = Annotated[
@@ -269,16 +275,9 @@ class Regularization(StrictModel):
     )
 
 
-class RegularizerFit(StrictModel):
+class RegularizerFit(_PromptSampling):
     """How the heads are fitted: sample continuations, label with oracles, minimise the NADO loss."""
 
-    prompts: list[str] = Field(
-        ["toxic", "neutral"],
-        min_length=1,
-        description="Prompt sets for sampling: bundled names or files (one prompt per line).",
-    )
-    samples_per_prompt: int = Field(4, ge=1, description="Continuations sampled per prompt.")
-    max_new_tokens: int = Field(32, ge=1, le=1024, description="Tokens per continuation.")
     epochs: int = Field(2, ge=1, description="Passes over the labelled samples.")
     learning_rate: float = Field(1e-3, gt=0, description="Head optimizer learning rate.")
     batch_size: int = Field(16, ge=1, description="Sequences per head-fitting step.")
@@ -386,12 +385,6 @@ class Policy(StrictModel):
     @classmethod
     def _check_model(cls, v: str, info: ValidationInfo) -> str:
         return _validate_model_spec(v, info)
-
-    @field_validator("regularizer")
-    @classmethod
-    def _check_prompt_sets(cls, v: RegularizerFit, info: ValidationInfo) -> RegularizerFit:
-        SynthSource._check_prompts(v.prompts, info)
-        return v
 
     @model_validator(mode="after")
     def _cross_checks(self):
