@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import yaml
@@ -47,12 +46,13 @@ def list_bundled() -> list[dict[str, str]]:
     return rows
 
 
-def validate_files(paths: list[str], overrides: list[str] = ()) -> list[dict[str, Any]]:
-    """Validate each file; one result per file: ``{"file", "valid", "problems"}``."""
+def validate_files(refs: list[str]) -> list[dict[str, Any]]:
+    """Validate each policy file (or bundled name); one result each: ``{"file", "valid",
+    "problems"}``."""
     results = []
-    for ref in paths:
+    for ref in refs:
         try:
-            load_policy(Path(ref) if Path(ref).suffix else ref, overrides)
+            load_policy(ref)
             results.append({"file": ref, "valid": True, "problems": []})
         except PolicyError as err:
             results.append({"file": ref, "valid": False, "problems": err.problems})
