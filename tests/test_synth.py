@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from attrctl.data.synth import read_rows, row_seed, sample_continuations, synthesize
+from attrctl.data.synth import read_rows, synthesize
+from attrctl.sampling import row_seed, sample_continuations
 from attrctl.errors import AttrctlError
 from attrctl.policy.schema import Policy
 

@@ -13,7 +13,7 @@ Importing this package does not import torch; the heavy parts load when used.
 from attrctl.data.mixture import Mixture, PackingCollator, build_mixture
 from attrctl.data.prompt_sets import PromptSet, load_prompt_set
 from attrctl.data.sources import Example, load_source, synth_path
-from attrctl.data.synth import SynthReport, read_rows, sample_continuations, synthesize
+from attrctl.data.synth import SynthReport, read_rows, synthesize
 
 __all__ = [
     "Example",
@@ -25,7 +25,6 @@ __all__ = [
     "load_prompt_set",
     "load_source",
     "read_rows",
-    "sample_continuations",
     "synth_path",
     "synthesize",
 ]
