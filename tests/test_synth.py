@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from attrctl.data.synth import read_rows, synthesize
-from attrctl.sampling import row_seed, sample_continuations
 from attrctl.errors import AttrctlError
 from attrctl.policy.schema import Policy
+from attrctl.sampling import row_seed, sample_continuations
 
 LIMIT = 3  # prompts per set → 2 sets × 3 prompts × 2 samples = 12 rows in batches of 5
 
@@ -22,7 +22,10 @@ def tiny():
     return load_model("tiny-random")
 
 
-def make_policy(tmp_path, seed=0, **synth) -> Policy:
+TOX = {"kind": "regex", "patterns": ["[aeiou]{1}"]}
+
+
+def make_policy(tmp_path, seed=0, oracle=TOX, target=None, **synth) -> Policy:
     src = {"kind": "synth", "domain": "toxic", "samples_per_prompt": 2, "max_new_tokens": 6}
     raw = {
         "name": "t",
@@ -30,7 +33,7 @@ def make_policy(tmp_path, seed=0, **synth) -> Policy:
         "data": [{**src, "batch_size": 5, **synth}],
         "attributes": [
             # two attributes: `score` mirrors the first, `scores` holds both
-            {"name": "tox", "oracle": {"kind": "regex", "patterns": ["[aeiou]{1}"]}},
+            {"name": "tox", "oracle": oracle, **({"target": target} if target else {})},
             {"name": "caps", "oracle": {"kind": "regex", "patterns": ["[A-Z]"]}},
         ],
         "output_dir": str(tmp_path / "run"),
@@ -82,6 +85,11 @@ def test_stopped_run_resumes_to_the_uninterrupted_file(tmp_path, tiny):
     assert part.read_bytes() == full.read_bytes()
     again = run(make_policy(tmp_path), part, tiny)  # nothing left: no duplicates
     assert again.rows_written == 0 and part.read_bytes() == full.read_bytes()
+    # every row records the settings that made it, the same for all rows
+    rows = read_rows(part)
+    assert len({r["fingerprint"] for r in rows}) == 1 and len(rows[0]["fingerprint"]) == 16
+    assert rows[0]["labelled_by"]["tox"]["oracle"] == "regex"
+    assert rows[0]["labelled_by"]["tox"]["max_violation"] == 0.5
 
 
 def test_half_written_line_is_dropped_and_regenerated(tmp_path, tiny):
@@ -111,6 +119,81 @@ def test_other_settings_or_corrupt_rows_refuse_to_append(tmp_path, tiny):
     out.write_bytes(b"".join([*lines[:3], b"{oops\n", *lines[3:]]))
     with pytest.raises(AttrctlError, match=r"s\.jsonl:4: corrupt row"):
         run(make_policy(tmp_path), out, tiny)
+
+
+def interrupted(tmp_path, tiny, **policy) -> tuple:
+    """A run stopped after its first batch: (file, its bytes)."""
+    out = tmp_path / "s.jsonl"
+    assert run(make_policy(tmp_path, **policy), out, tiny, stop_after=1).rows_written == 5
+    return out, out.read_bytes()
+
+
+def test_resume_under_another_oracle_refuses(tmp_path, tiny):
+    # The issue: interrupted under one oracle, resumed under another, labels silently mixed.
+    out, before = interrupted(tmp_path, tiny)
+    lexicon = {"kind": "lexicon", "words": ["the"]}
+    with pytest.raises(AttrctlError) as err:
+        run(make_policy(tmp_path, oracle=lexicon), out, tiny)
+    msg = str(err.value)
+    assert msg.startswith(f"{out}:1: the file was written with other settings")
+    assert "oracle of attribute 'tox': regex in the file vs lexicon now" in msg
+    assert "pass another --out, or delete the file" in msg
+    # the same kind with other parameters
+    other = {"kind": "regex", "patterns": ["[xyz]"]}
+    with pytest.raises(AttrctlError, match=r"oracle of attribute 'tox': regex with other param"):
+        run(make_policy(tmp_path, oracle=other), out, tiny)
+    assert out.read_bytes() == before
+
+
+def test_resume_after_the_word_list_changed_refuses(tmp_path, tiny):
+    words = tmp_path / "words.txt"
+    words.write_text("the\n")
+    out, before = interrupted(tmp_path, tiny, oracle={"kind": "lexicon", "path": "words.txt"})
+    words.write_text("the\nidiot\n")  # same spec, other contents
+    with pytest.raises(AttrctlError, match=r"s\.jsonl:1: .*oracle of attribute 'tox': lexicon"):
+        run(make_policy(tmp_path, oracle={"kind": "lexicon", "path": "words.txt"}), out, tiny)
+    assert out.read_bytes() == before
+
+
+def test_resume_with_another_target_refuses(tmp_path, tiny):
+    out, before = interrupted(tmp_path, tiny)
+    with pytest.raises(AttrctlError, match=r"target of attribute 'tox': .*0\.5.* in the file vs "):
+        run(make_policy(tmp_path, target={"max_violation": 0.7}), out, tiny)
+    with pytest.raises(AttrctlError, match=r"target of attribute 'tox': .*'hard'.*'soft'"):
+        run(make_policy(tmp_path, target={"labels": "soft"}), out, tiny)
+    assert out.read_bytes() == before
+
+
+def test_resume_with_an_edited_prompt_file_refuses(tmp_path, tiny):
+    prompts = tmp_path / "mine.txt"
+    prompts.write_text("Shut up, you\nThe weather today\nI told him that\n")
+    out, before = interrupted(tmp_path, tiny, prompts=["mine.txt"])  # rows of prompts 0..2
+    prompts.write_text("Shut up, you\nThe weather tomorrow\nI told him that\n")
+    with pytest.raises(AttrctlError) as err:
+        run(make_policy(tmp_path, prompts=["mine.txt"]), out, tiny)
+    assert str(err.value).startswith(f"{out}:3: ")  # rows 1-2 are prompt 0, still the same
+    assert "prompt 1 of set 'mine.txt': 'The weather today' in the file vs 'The weather " in str(
+        err.value
+    )
+    prompts.write_text("Shut up, you\n")  # prompts 1 and 2 are gone
+    with pytest.raises(AttrctlError, match=r"prompt 1 of set 'mine\.txt': .* vs none now"):
+        run(make_policy(tmp_path, prompts=["mine.txt"]), out, tiny)
+    assert out.read_bytes() == before
+    prompts.write_text("Shut up, you\nThe weather today\nI told him that\nMore\n")  # appended
+    assert run(make_policy(tmp_path, prompts=["mine.txt"]), out, tiny).complete
+
+
+def test_file_without_fingerprints_refuses(tmp_path, tiny):
+    out, _ = interrupted(tmp_path, tiny)
+    rows = [
+        {k: v for k, v in r.items() if k not in ("fingerprint", "labelled_by")}
+        for r in read_rows(out)
+    ]
+    out.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    before = out.read_bytes()
+    with pytest.raises(AttrctlError, match=r"s\.jsonl:1: .*before synth rows recorded"):
+        run(make_policy(tmp_path), out, tiny)
+    assert out.read_bytes() == before
 
 
 def test_a_row_does_not_depend_on_its_batch(tiny):
@@ -164,6 +247,12 @@ def test_cli_synth_writes_rows_and_rejects_bad_input(tmp_path, run_cli):
         "data", "synth", "--policy", policy, "--out", out, "--set", "seed=3", "-q"
     )
     assert code == 2 and "other settings" in err and "Traceback" not in err
+    policy.write_text(
+        policy.read_text().replace("{kind: lexicon, words: [idiot]}", "{kind: vader}")
+    )
+    code, _, err = run_cli("data", "synth", "--policy", policy, "--out", out, "-q")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert "oracle of attribute 'tox': lexicon in the file vs vader now" in err
     code, _, err = run_cli("data", "synth", "--policy", tmp_path / "missing.yaml", "-q")
     assert code == 2 and "missing.yaml" in err
     assert json.loads(out.read_text().splitlines()[0])["prompt_set"] == "toxic"

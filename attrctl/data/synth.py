@@ -7,10 +7,19 @@ continuation with every attribute's oracle. One jsonl row per continuation::
     {"prompt_set": "toxic", "prompt_index": 3, "sample": 1, "prompt": "Shut up, you",
      "continuation": " idiot, ...", "score": 0.91, "scores": {"toxicity": 0.91},
      "domain": "toxic", "model": "bundled:smollm2-135m-instruct", "seed": 0,
-     "gen": {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0}, "new_tokens": 24}
+     "gen": {"max_new_tokens": 24, "temperature": 1.0, "top_p": 1.0}, "new_tokens": 24,
+     "labelled_by": {"toxicity": {"oracle": "profanity_check", "oracle_sha256": "3f9c...",
+                                  "max_violation": 0.5, "labels": "hard"}},
+     "fingerprint": "5d41402abc4b2a76"}
 
 ``score`` is the first attribute's violation probability of the *continuation* (as in
 RealToxicityPrompts); ``scores`` has one entry per attribute.
+
+**The fingerprint** of a row is a sha256 (16 hex digits) of everything besides the prompt text
+that determines it (:func:`row_settings`): model, seed, generation settings, domain, and per
+attribute, in order, its name, its oracle's :func:`~attrctl.oracles.oracle_fingerprint` (kind,
+parameters, hashes of the files it reads, package versions) and its target. ``labelled_by``
+spells the attribute part out, so a refusal can say what differs; the prompt text is in the row.
 
 **Determinism and resumption.** Each row samples from its own ``torch.Generator`` seeded from
 (policy seed, prompt set, prompt index, sample index), so a row does not depend on which other
@@ -18,27 +27,27 @@ rows were sampled before it. The work list is cut into fixed batches; rows are a
 fsynced batch by batch. A rerun reads the file, drops a partially written last line, and
 regenerates every batch that is not complete — the whole batch, so the rows it keeps come from the
 same batch composition and match an uninterrupted run bit for bit — appending only missing rows.
+It first checks every row against the current settings: a row with another fingerprint, or whose
+prompt is not the current text of its (prompt set, index), or written before fingerprints were
+recorded, refuses the run — appending would mix rows of two settings in one file.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from attrctl.data.prompt_sets import load_prompt_set
+from attrctl.data.prompt_sets import PromptSet, load_prompt_set
 from attrctl.data.sources import synth_path
 from attrctl.errors import AttrctlError
 from attrctl.policy.schema import Policy, SynthSource
 from attrctl.sampling import row_seed, sample_continuations
-
-if TYPE_CHECKING:
-    import torch
 
 
 @dataclass(frozen=True)
@@ -93,7 +102,11 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str
     Raises:
         AttrctlError: a complete line is not a JSON object.
     """
-    path = Path(path)
+    return [row for _, row in _numbered_rows(Path(path), repair=repair)]
+
+
+def _numbered_rows(path: Path, *, repair: bool = False) -> list[tuple[int, dict[str, Any]]]:
+    """(line number, row) of each non-blank complete line; see :func:`read_rows`."""
     data = path.read_bytes()
     end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
     if repair and end < len(data):
@@ -111,18 +124,131 @@ def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str
             raise AttrctlError(f"{path}:{lineno}: corrupt row ({err.msg})") from None
         if not isinstance(row, dict):
             raise AttrctlError(f"{path}:{lineno}: corrupt row (not a JSON object)")
-        rows.append(row)
+        rows.append((lineno, row))
     return rows
 
 
-def _check_compatible(path: Path, rows: list[dict], expect: dict[str, Any]) -> None:
-    for lineno, row in enumerate(rows, 1):
-        diff = [k for k, v in expect.items() if row.get(k) != v]
-        if diff:
-            what = ", ".join(f"{k}: {row.get(k)!r} in the file vs {expect[k]!r} now" for k in diff)
+# ----------------------------------------------------------------------------- the fingerprint
+def row_settings(
+    policy: Policy, source: SynthSource, model_spec: str | None = None
+) -> dict[str, Any]:
+    """Everything besides the prompt text that determines a row, as JSON-able data.
+
+    Args:
+        policy: its seed and attributes (oracle and target: ``score``/``scores`` depend on both).
+        source: the synth settings: generation settings and domain.
+        model_spec: the model sampled from (default: the policy's).
+    """
+    from attrctl.oracles import oracle_fingerprint
+
+    return {
+        "model": model_spec or policy.model,
+        "seed": policy.seed,
+        "gen": {
+            "max_new_tokens": source.max_new_tokens,
+            "temperature": source.temperature,
+            "top_p": source.top_p,
+        },
+        "domain": source.domain,
+        "attributes": [
+            {
+                "name": a.name,
+                "oracle": oracle_fingerprint(a.oracle),
+                "target": a.target.model_dump(mode="json"),
+            }
+            for a in policy.attributes
+        ],
+    }
+
+
+def _sha16(data: Any) -> str:
+    canonical = json.dumps(data, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
+
+
+def _stamp(settings: dict[str, Any]) -> dict[str, Any]:
+    """The row fields that record ``settings``: the plain ones, ``labelled_by``, ``fingerprint``."""
+    return {
+        "domain": settings["domain"],
+        "model": settings["model"],
+        "seed": settings["seed"],
+        "gen": settings["gen"],
+        "labelled_by": {
+            a["name"]: {
+                "oracle": a["oracle"]["kind"],
+                "oracle_sha256": _sha16(a["oracle"]),
+                **a["target"],
+            }
+            for a in settings["attributes"]
+        },
+        "fingerprint": _sha16(settings),
+    }
+
+
+def _differences(row: dict[str, Any], stamp: dict[str, Any]) -> list[str]:
+    """What differs between a row's recorded settings and ``stamp``, for people."""
+    diff = [
+        f"{k}: {row.get(k)!r} in the file vs {stamp[k]!r} now"
+        for k in ("model", "seed", "gen", "domain")
+        if row.get(k) != stamp[k]
+    ]
+    was, now = row.get("labelled_by"), stamp["labelled_by"]
+    if not isinstance(was, dict) or list(was) != list(now):
+        names = lambda d: ", ".join(map(repr, d)) if isinstance(d, dict) else repr(d)  # noqa: E731
+        diff.append(f"attributes: {names(was)} in the file vs {names(now)} now")
+        return diff
+    for name, new in now.items():
+        old = was[name] if isinstance(was[name], dict) else {}
+        if old.get("oracle") != new["oracle"]:
+            diff.append(
+                f"oracle of attribute {name!r}: {old.get('oracle')} in the file vs "
+                f"{new['oracle']} now"
+            )
+        elif old.get("oracle_sha256") != new["oracle_sha256"]:
+            diff.append(
+                f"oracle of attribute {name!r}: {new['oracle']} with other parameters, word "
+                f"list or package version (oracle_sha256 {old.get('oracle_sha256')} in the "
+                f"file vs {new['oracle_sha256']} now)"
+            )
+        target = {k: v for k, v in new.items() if k not in ("oracle", "oracle_sha256")}
+        old_target = {k: old.get(k) for k in target}
+        if old_target != target:
+            diff.append(f"target of attribute {name!r}: {old_target} in the file vs {target} now")
+    return diff
+
+
+def _check_compatible(
+    path: Path,
+    rows: list[tuple[int, dict[str, Any]]],
+    stamp: dict[str, Any],
+    prompts: dict[str, tuple[str, ...]],
+) -> None:
+    """Refuse to extend ``path`` unless every row was made under ``stamp`` from the current text
+    of its prompt. ``prompts``: each current prompt set's name → its prompts."""
+    for lineno, row in rows:
+        if "fingerprint" not in row:
             raise AttrctlError(
-                f"{path}:{lineno}: the file was written with other settings ({what}); pass "
-                f"another --out, or delete the file to start over"
+                f"{path}:{lineno}: the file was written before synth rows recorded their "
+                f"settings fingerprint (the oracles and targets that labelled them are unknown); "
+                f"pass another --out, or delete the file to start over"
+            )
+        diff = _differences(row, stamp)
+        if not diff and row["fingerprint"] != stamp["fingerprint"]:
+            diff = [f"fingerprint: {row['fingerprint']} in the file vs {stamp['fingerprint']} now"]
+        pset, index = row.get("prompt_set"), row.get("prompt_index")
+        current = prompts.get(pset)
+        if current is not None and isinstance(index, int):
+            now = current[index] if 0 <= index < len(current) else None
+            if row.get("prompt") != now:
+                label = Path(pset).name
+                diff.append(
+                    f"prompt {index} of set {label!r}: {row.get('prompt')!r} in the file vs "
+                    + (f"{now!r} now" if now is not None else f"none now ({len(current)} prompts)")
+                )
+        if diff:
+            raise AttrctlError(
+                f"{path}:{lineno}: the file was written with other settings ({'; '.join(diff)}); "
+                f"pass another --out, or delete the file to start over"
             )
 
 
@@ -137,9 +263,12 @@ def synth_source_of(policy: Policy) -> SynthSource:
 
 def work_items(source: SynthSource, limit: int | None = None) -> list[WorkItem]:
     """Every (prompt set, prompt, sample) to sample, in file order; ``limit`` prompts per set."""
+    return _items([load_prompt_set(ref) for ref in source.prompts], source, limit)
+
+
+def _items(sets: list[PromptSet], source: SynthSource, limit: int | None) -> list[WorkItem]:
     items = []
-    for ref in source.prompts:
-        pset = load_prompt_set(ref)
+    for pset in sets:
         for p_idx, prompt in enumerate(pset.prompts[:limit]):
             items.extend(
                 WorkItem(pset.name, p_idx, s, prompt) for s in range(source.samples_per_prompt)
@@ -173,7 +302,9 @@ def synthesize(
         A :class:`SynthReport`.
 
     Raises:
-        AttrctlError: the file holds rows made with other settings, or is corrupt.
+        AttrctlError: the file holds rows made with other settings (model, seed, generation
+            settings, domain, an attribute's oracle or target, or a prompt's text), or rows
+            without a fingerprint, or is corrupt. The message names the line and what differs.
     """
     from tqdm.auto import tqdm
 
@@ -183,23 +314,22 @@ def synthesize(
     out = Path(out) if out is not None else synth_path(source, policy)
     if limit is not None and limit < 1:
         raise AttrctlError(f"--limit must be at least 1, got {limit}")
-    items = work_items(source, limit)
+    sets = [load_prompt_set(ref) for ref in source.prompts]
+    items = _items(sets, source, limit)
     report = SynthReport(path=out)
 
-    existing: list[dict] = []
+    model_spec = model if isinstance(model, str) else getattr(model, "spec", None) or policy.model
+    stamp = _stamp(row_settings(policy, source, model_spec))
+    numbered: list[tuple[int, dict]] = []
     if out.exists():
         size = out.stat().st_size
-        existing = read_rows(out, repair=True)
+        numbered = _numbered_rows(out, repair=True)
         report.dropped_partial_line = out.stat().st_size < size
+        # every row, not only the wanted ones: the file is one data set, whatever --limit says
+        _check_compatible(out, numbered, stamp, {ps.name: ps.prompts for ps in sets})
+    existing = [row for _, row in numbered]
     out.parent.mkdir(parents=True, exist_ok=True)
 
-    model_spec = model if isinstance(model, str) else getattr(model, "spec", None) or policy.model
-    gen = {
-        "max_new_tokens": source.max_new_tokens,
-        "temperature": source.temperature,
-        "top_p": source.top_p,
-    }
-    _check_compatible(out, existing, {"model": model_spec, "seed": policy.seed, "gen": gen})
     done = {(r.get("prompt_set"), r.get("prompt_index"), r.get("sample")) for r in existing}
     wanted = {it.key for it in items}
     batches = [items[i : i + source.batch_size] for i in range(0, len(items), source.batch_size)]
@@ -227,7 +357,7 @@ def synthesize(
             for n_batch, batch in enumerate(todo):
                 if stop_after is not None and n_batch >= stop_after:
                     break
-                new = _run_batch(batch, done, loaded, compiled, policy, source, model_spec, gen)
+                new = _run_batch(batch, done, loaded, compiled, policy, source, stamp)
                 fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
                 fh.flush()
                 os.fsync(fh.fileno())  # a batch is on disk before the next one starts
@@ -258,8 +388,7 @@ def _run_batch(
     compiled: Any,
     policy: Policy,
     source: SynthSource,
-    model_spec: str,
-    gen: dict[str, Any],
+    stamp: dict[str, Any],
 ) -> list[dict[str, Any]]:
     seeds = [row_seed(policy.seed, it.prompt_set, it.prompt_index, it.sample) for it in batch]
     token_lists = sample_continuations(
@@ -288,11 +417,13 @@ def _run_batch(
                 "continuation": texts[i],
                 "score": per_attr[first],
                 "scores": per_attr,
-                "domain": source.domain,
-                "model": model_spec,
-                "seed": policy.seed,
-                "gen": gen,
+                "domain": stamp["domain"],
+                "model": stamp["model"],
+                "seed": stamp["seed"],
+                "gen": stamp["gen"],
                 "new_tokens": len(token_lists[i]),
+                "labelled_by": stamp["labelled_by"],
+                "fingerprint": stamp["fingerprint"],
             }
         )
     return rows

@@ -36,7 +36,14 @@ _BUILTIN_IMPLS = {
     "vader": "attrctl.oracles.vader:VaderOracle",
 }
 
-__all__ = ["ENTRY_POINT_GROUP", "Oracle", "build_oracle", "oracle_class", "oracle_kinds"]
+__all__ = [
+    "ENTRY_POINT_GROUP",
+    "Oracle",
+    "build_oracle",
+    "oracle_class",
+    "oracle_fingerprint",
+    "oracle_kinds",
+]
 
 
 @cache
@@ -82,3 +89,17 @@ def build_oracle(spec: BaseModel | dict[str, Any], base_dir: Path | None = None)
     if getattr(spec, "plugin_spec", None) is not None:  # plugin: hand it its own validated Spec
         spec = spec.plugin_spec  # type: ignore[attr-defined]
     return cls(spec, base_dir=base_dir)
+
+
+def oracle_fingerprint(spec: BaseModel) -> dict[str, Any]:
+    """What determines the scores of the oracle a validated spec builds, as JSON-able data
+    (:meth:`Oracle.fingerprint`; a plugin's distribution version is added). Builds nothing."""
+    kind = spec.kind  # type: ignore[attr-defined]
+    cls = oracle_class(kind)
+    if getattr(spec, "plugin_spec", None) is not None:
+        spec = spec.plugin_spec  # type: ignore[attr-defined]
+    fingerprint = cls.fingerprint(spec)
+    ep = plugin_entry_points().get(kind)
+    if ep is not None and ep.dist is not None:
+        fingerprint["packages"].setdefault(ep.dist.name, ep.dist.version)
+    return fingerprint

@@ -12,13 +12,17 @@ parameters. Specs are data; building an oracle from a spec is the only place cod
 
 from __future__ import annotations
 
+import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 from pydantic import BaseModel
+
+from attrctl.errors import AttrctlError
 
 
 class Oracle(ABC):
@@ -36,6 +40,9 @@ class Oracle(ABC):
     Spec: ClassVar[type[BaseModel]]
     #: texts scored per call of :meth:`score_batch`; subclasses tune it.
     batch_size: ClassVar[int] = 256
+    #: installed distributions that ship this oracle's model or lexicon; their versions go into
+    #: :meth:`fingerprint` (a package's files do not change within a version).
+    distributions: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, spec: BaseModel, base_dir: Path | None = None):
         self.spec = spec
@@ -60,5 +67,41 @@ class Oracle(ABC):
             out[start : start + len(chunk)] = scores
         return np.clip(out, 0.0, 1.0)
 
+    @classmethod
+    def input_files(cls, spec: BaseModel) -> dict[str, Path]:
+        """Files named by ``spec`` whose contents make this oracle's scores (a word list, a model
+        file), keyed by the spec field that names each. None by default."""
+        return {}
+
+    @classmethod
+    def fingerprint(cls, spec: BaseModel) -> dict[str, Any]:
+        """What determines this oracle's scores, as JSON-able data: the kind, the validated
+        parameters, the sha256 of each of :meth:`input_files` (in place of its path, so moving
+        the file keeps the fingerprint) and the versions of :attr:`distributions` (None: not
+        installed). Data made under one fingerprint must not be extended under another: the
+        scores would differ."""
+        files = cls.input_files(spec)
+        params = {k: v for k, v in spec.model_dump(mode="json").items() if k not in files}
+        return {
+            "kind": cls.kind,
+            "params": params,
+            "files": {field: _sha256(path) for field, path in sorted(files.items())},
+            "packages": {dist: _version(dist) for dist in cls.distributions},
+        }
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.spec!r})"
+
+
+def _sha256(path: Path) -> str:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError as err:
+        raise AttrctlError(f"{path}: cannot read oracle file: {err.strerror}") from None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None

@@ -264,6 +264,7 @@ class JigsawBiLSTMOracle(Oracle):
     kind = "jigsaw_bilstm"
     Spec = JigsawBiLSTMSpec
     batch_size = 256
+    distributions = ("toxic-comment-classifier",)
     #: intra-op threads while scoring. One, because the 100 sequential LSTM steps are small
     #: matmuls ([256, 50] @ [50, 200]): two threads are only ~1.5× faster on an idle 2-core
     #: machine, and when the cores are shared (the sampler or trainer running beside the oracle)

@@ -50,6 +50,10 @@ class LexiconOracle(Oracle):
     Spec = LexiconSpec
     batch_size = 4096
 
+    @classmethod
+    def input_files(cls, spec: LexiconSpec) -> dict[str, Path]:
+        return {"path": Path(spec.path)} if spec.path is not None else {}
+
     def __init__(self, spec: LexiconSpec, base_dir: Path | None = None):
         super().__init__(spec, base_dir)
         if spec.path is not None:

@@ -27,6 +27,7 @@ class ProfanityCheckOracle(Oracle):
     kind = "profanity_check"
     Spec = ProfanityCheckSpec
     batch_size = 4096
+    distributions = ("alt-profanity-check",)
 
     def __init__(self, spec: ProfanityCheckSpec, base_dir: Path | None = None):
         super().__init__(spec, base_dir)

@@ -27,6 +27,7 @@ class VaderOracle(Oracle):
     kind = "vader"
     Spec = VaderSpec
     batch_size = 1024
+    distributions = ("vaderSentiment",)
 
     def __init__(self, spec: VaderSpec, base_dir: Path | None = None):
         super().__init__(spec, base_dir)
