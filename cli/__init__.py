@@ -39,7 +39,7 @@ def _register() -> None:
     if _REGISTERED:
         return
     _REGISTERED.append(True)
-    from attrctl.cli import assets, bench, data, models, oracle, policy, stubs
+    from attrctl.cli import assets, bench, data, models, oracle, policy, stubs, train
 
     app.add_typer(policy.app, name="policy")
     app.add_typer(models.app, name="models")
@@ -47,6 +47,7 @@ def _register() -> None:
     app.add_typer(data.app, name="data")
     app.add_typer(assets.app, name="assets")
     app.add_typer(bench.app, name="bench")
+    train.register(app)
     stubs.register(app)
 
 

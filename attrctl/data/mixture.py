@@ -166,7 +166,8 @@ class PackingCollator:
         )
 
     def _encode(self, example: Example) -> tuple[list[int], int]:
-        ids = self.tokenizer(example.text, add_special_tokens=False)["input_ids"]
+        # verbose=False: a long passage is cut into rows here, not fed whole to the model
+        ids = self.tokenizer(example.text, add_special_tokens=False, verbose=False)["input_ids"]
         return [*ids, self.tokenizer.eos_token_id], self.domains.index(example.domain)
 
     def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:

@@ -2,20 +2,25 @@
 
 A :class:`CompiledPolicy` holds what the training loop and the data tools consume: each
 attribute's built oracle and label rule, the composition weights ``w_k``, the per-domain
-regularization strengths ``λ_d``, and the run directory. One small ``_build_*`` function per
-component keeps each translation visible. Heads need the model's sizes, so they are built when
-a model is loaded; the compiled attribute carries their spec.
+regularization strengths ``λ_d``, the run directory, and factories for what needs a loaded model
+or its parameters — the regularizer heads (:meth:`CompiledPolicy.build_heads`), the optimizers
+(:meth:`CompiledPolicy.finetune_optimizer`, :meth:`CompiledPolicy.head_optimizer`) — plus the
+schedule. One small ``_build_*`` function per component keeps each translation visible.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from attrctl.oracles import Oracle, build_oracle
-from attrctl.policy.schema import Attribute, HeadSpec, Policy, Target
+from attrctl.policy.schema import Attribute, HeadSpec, Policy, Schedule, Target
+
+if TYPE_CHECKING:
+    import torch
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,7 @@ class CompiledPolicy:
     lam_by_domain: dict[str, float]
     default_lam: float
     run_dir: Path
+    schedule: Schedule
 
     @property
     def attr_weights(self) -> list[float]:
@@ -52,6 +58,30 @@ class CompiledPolicy:
     def lam_for(self, domain: str) -> float:
         """λ_d: the domain's own strength under adaptive regularization, else the global λ."""
         return self.lam_by_domain.get(domain, self.default_lam)
+
+    @property
+    def auto_lambdas(self) -> bool:
+        """Whether λ_d is to be set from the data (``per_domain: auto``)."""
+        return self.policy.regularization.per_domain == "auto"
+
+    def build_heads(self, model: Any) -> torch.nn.ModuleList:
+        """One zero-initialised regularizer head per attribute, sized for ``model``."""
+        from attrctl.heads import build_heads
+
+        return build_heads([a.head for a in self.attributes], model, self.policy.finetune)
+
+    def finetune_optimizer(self, params) -> torch.optim.Optimizer:
+        """AdamW over the LLM's trainable parameters, as ``finetune`` says."""
+        import torch
+
+        ft = self.policy.finetune
+        return torch.optim.AdamW(params, lr=ft.learning_rate, weight_decay=ft.weight_decay)
+
+    def head_optimizer(self, params) -> torch.optim.Optimizer:
+        """AdamW over the heads' parameters, as ``regularizer`` says."""
+        import torch
+
+        return torch.optim.AdamW(params, lr=self.policy.regularizer.learning_rate)
 
 
 def compile_policy(policy: Policy) -> CompiledPolicy:
@@ -63,6 +93,7 @@ def compile_policy(policy: Policy) -> CompiledPolicy:
         lam_by_domain=_build_lams(policy, domains),
         default_lam=policy.regularization.lam,
         run_dir=_build_run_dir(policy),
+        schedule=policy.schedule,
     )
 
 

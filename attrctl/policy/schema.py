@@ -230,16 +230,37 @@ class Target(StrictModel):
 
 
 class HeadSpec(StrictModel):
-    """The regularizer head R_k: per position, a logit for every vocabulary item."""
+    """The regularizer head R_k: per position, a logit for every vocabulary item.
+
+    A head reads a *detached* hidden state of the LLM (``layer``), passes it through a body
+    (``kind``) and projects to the vocabulary, either in full (``[V, H]``) or through a rank-``rank``
+    bottleneck (``[V, rank]`` + a per-token bias). The output layer starts at zero.
+    """
 
     kind: Literal["linear", "mlp", "transformer"] = Field(
         "linear",
-        description="`linear`: r = W h + b on the LM's final hidden state; `mlp`: one hidden "
-        "layer first; `transformer`: small decoder layers first. The output layer starts at zero "
-        "(σ(0) = ½ everywhere, so q = p and the regularizer starts at zero).",
+        description="`linear`: no body, the projection reads the hidden state directly; `mlp`: "
+        "`num_layers` × (Linear `hidden_size`, GELU) first; `transformer`: `num_layers` decoder "
+        "layers copied from the LLM's layers above the tap (NADO's design) first. The output "
+        "layer starts at zero (σ(0) = ½ everywhere, so q = p and the regularizer starts at zero).",
     )
-    hidden_size: int = Field(256, ge=1, description="Width of the mlp/transformer layers.")
+    rank: int | None = Field(
+        64,
+        ge=1,
+        description="Low-rank vocabulary projection: body → `[rank]` → `[V, rank]` + bias `[V]`. "
+        "`null`: a full `[V, H]` projection (about a fifth of a forward pass per step on a small "
+        "model; rank 64 costs a few percent).",
+    )
+    hidden_size: int = Field(256, ge=1, description="Width of the mlp body layers.")
     num_layers: int = Field(1, ge=1, le=8, description="Layers of the mlp/transformer body.")
+    layer: int | None = Field(
+        None,
+        ge=0,
+        description="Which hidden state the head reads: the output of decoder layer `layer` "
+        "(1-based; 0 = the embeddings). `null`: the output of the last frozen layer when "
+        "`finetune.method` is `top_layers` (the head's input then does not drift while the top "
+        "layers train), else the LLM's final (normed) hidden state.",
+    )
 
 
 class Attribute(StrictModel):
@@ -264,14 +285,17 @@ class Regularization(StrictModel):
     lam: float = Field(
         1.0, ge=0, description="Global λ; also used for every domain not listed in `per_domain`."
     )
-    per_domain: dict[str, Annotated[float, Field(ge=0)]] = Field(
+    per_domain: dict[str, Annotated[float, Field(ge=0)]] | Literal["auto"] = Field(
         default_factory=dict,
-        description="Adaptive regularization: λ_d per data domain, e.g. {toxic: 1.0, general: 0.1}.",
+        description="Adaptive regularization: λ_d per data domain, e.g. {toxic: 10, general: "
+        "0.1}; or `auto`: λ_d = lam + (auto_max − lam) · v_d / max_d v_d, where v_d is the share "
+        "of the domain's training examples that the policy's oracles flag (score ≥ max_violation "
+        "for any attribute), measured before training.",
     )
-    reference: str | None = Field(
-        None,
-        description="Optional frozen reference model (spec like `model`) whose logits build q "
-        "instead of the current model's detached logits.",
+    auto_max: float = Field(
+        10.0,
+        ge=0,
+        description="With `per_domain: auto`: λ of the domain with the highest violation rate.",
     )
 
 
@@ -314,6 +338,18 @@ class FineTune(StrictModel):
     seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sequence.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    checkpoint_every: int = Field(
+        25, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
+    )
+
+
+class RoleSettings(StrictModel):
+    """Where one job of an iteration runs (sample, fit or finetune)."""
+
+    device: str = Field("cpu", description="Torch device, e.g. `cpu`, `cuda`, `cuda:1`.")
+    threads: int | None = Field(
+        None, ge=1, description="CPU threads (torch.set_num_threads); null: torch's default."
+    )
 
 
 class Schedule(StrictModel):
@@ -321,10 +357,21 @@ class Schedule(StrictModel):
 
     mode: Literal["sequential", "parallel"] = Field(
         "sequential",
-        description="`sequential`: each job waits for the previous; `parallel`: the three jobs "
-        "of an iteration run together, each on what the previous iteration left.",
+        description="`sequential`: sample S_{i−1} from θ_{i−1} → fit R_i → fine-tune θ_i; "
+        "`parallel`: the three jobs of iteration i run at once as separate processes, each on "
+        "what iteration i−1 published (fit R_i on S_{i−2}, fine-tune θ_i with R_{i−1}, sample "
+        "S_{i−1} from θ_{i−1}), so heads lag one iteration more than in sequential.",
     )
     iterations: int = Field(2, ge=1, le=100, description="Number of iterations.")
+    roles: dict[Literal["sample", "fit", "finetune"], RoleSettings] = Field(
+        default_factory=dict,
+        description="Device and thread count per job, e.g. {finetune: {device: cuda}, sample: "
+        "{threads: 1}}; jobs not listed use the defaults.",
+    )
+
+    def role(self, name: str) -> RoleSettings:
+        """The settings of one job (defaults when not listed)."""
+        return self.roles.get(name) or RoleSettings()
 
 
 class LossSettings(StrictModel):
@@ -393,7 +440,8 @@ class Policy(StrictModel):
         if dupes:
             raise ValueError(f"attributes: names must be unique; repeated: {', '.join(dupes)}")
         domains = sorted({s.domain for s in self.data})
-        unknown = sorted(set(self.regularization.per_domain) - set(domains))
+        per_domain = self.regularization.per_domain
+        unknown = sorted(set(per_domain) - set(domains)) if isinstance(per_domain, dict) else []
         if unknown:
             raise ValueError(
                 f"regularization.per_domain: domain(s) {', '.join(map(repr, unknown))} appear in "
@@ -407,8 +455,12 @@ class Policy(StrictModel):
         return bool(self.regularization.per_domain)
 
     def lam_for(self, domain: str) -> float:
-        """λ_d for a domain (the global λ when the domain is not listed)."""
-        return self.regularization.per_domain.get(domain, self.regularization.lam)
+        """λ_d for a domain (the global λ when the domain is not listed, or before `auto` has
+        been resolved from the data: see :func:`attrctl.policy.compile.resolve_auto_lambdas`)."""
+        per_domain = self.regularization.per_domain
+        if isinstance(per_domain, dict):
+            return per_domain.get(domain, self.regularization.lam)
+        return self.regularization.lam
 
     @property
     def run_dir(self) -> str:

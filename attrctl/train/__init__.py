@@ -1,0 +1,66 @@
+"""Training: the sample → fit → fine-tune iteration, its schedules, the run directory.
+
+- :mod:`attrctl.train.loop` — the fine-tune job: one readable training loop;
+- :mod:`attrctl.train.jobs` — the sample and fit jobs;
+- :mod:`attrctl.train.schedules` — sequential and parallel arrangements, and :func:`train`;
+- :mod:`attrctl.train.rundir` — atomic state, manifest, metrics, ownership of a run directory;
+- :mod:`attrctl.train.distributed` — torchrun / DDP;
+- :mod:`attrctl.train.report` — plots and the closing summary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def train(*args: Any, **kwargs: Any):
+    """See :func:`attrctl.train.schedules.train`."""
+    from attrctl.train.schedules import train as _train
+
+    return _train(*args, **kwargs)
+
+
+def RichProgress(*args: Any, **kwargs: Any):  # noqa: N802 - a class, imported lazily
+    from attrctl.train.progress import RichProgress as _RichProgress
+
+    return _RichProgress(*args, **kwargs)
+
+
+def summary_lines(result: Any) -> list[str]:
+    """The one-screen summary printed at the end of ``attrctl train``."""
+    from attrctl.train.report import summary
+    from attrctl.train.rundir import RunDir
+
+    s = summary(RunDir(result.run_dir))
+    lines = [f"run directory   {s['run_dir']}  ({result.seconds / 60:.1f} min)"]
+    lines.append(f"model           {s['model']}  (transformers folder)")
+    if s["heads"]:
+        lines.append(f"heads           {s['heads']}")
+    if s["lambdas"]:
+        lams = ", ".join(f"{d} {v:.3g}" for d, v in s["lambdas"]["lam_by_domain"].items())
+        lines.append(f"λ (auto)        {lams}")
+    before, after = s["before"], s["after"]
+    if before and after:
+        for name, b in before["violation_rate"].items():
+            a = after["violation_rate"][name]
+            lines.append(f"violation rate  {name}: {b:.3f} → {a:.3f} (oracle, samples S_0 → S_final)")
+        if "judge_violation_rate" in before and "judge_violation_rate" in after:
+            lines.append(
+                f"                judge (jigsaw_bilstm): {before['judge_violation_rate']:.3f} → "
+                f"{after['judge_violation_rate']:.3f}"
+            )
+    for f in s["fits"]:
+        for name, m in f.get("heads", {}).items():
+            lines.append(
+                f"head R_{f['iteration']} {name:<8} held-out AUC {m['auc']:.3f}, accuracy "
+                f"{m['accuracy']:.3f}, BCE {m['bce']:.3f}"
+            )
+    for t in s["finetunes"]:
+        lines.append(
+            f"θ_{t['iteration']}             CE {t['ce_first']:.3f} → {t['ce_last']:.3f}, "
+            f"KL {t['kl_last']:.4f} (heads R_{t['heads']})"
+        )
+    times = ", ".join(f"{r} {v:.0f} s" for r, v in s["role_seconds"].items())
+    lines.append(f"time per role   {times}")
+    lines.append(f"plots           {s['plot']}")
+    return lines

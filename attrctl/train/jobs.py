@@ -1,0 +1,366 @@
+"""Two of the three jobs of an iteration: *sample* S_i from θ_i, and *fit* heads R_i on samples.
+
+The third, fine-tuning, is :mod:`attrctl.train.loop`. Every job reads its inputs only from what
+the run directory's manifest lists, writes its output under a temporary name, renames it into
+place and then publishes it in the manifest, so sequential and parallel schedules (and a resumed
+run) run the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from attrctl.data.synth import read_rows, synth_source_of, work_items
+from attrctl.errors import AttrctlError
+from attrctl.heads import forward_with_tap
+from attrctl.losses import head_fit_loss
+from attrctl.paths import atomic_write
+from attrctl.sampling import row_seed, sample_continuations
+from attrctl.train import distributed as dist
+from attrctl.train.context import TrainContext
+from attrctl.train.weights import head_taps, load_heads, load_trainable, save_heads, select_trainable
+
+SAMPLE_BATCH = 64  # continuations sampled together (rows are seeded one by one: any batch works)
+TEMPERATURE, TOP_P = 1.0, 1.0  # regularizer samples come from the model's own distribution
+
+
+# ------------------------------------------------------------------------------------ θ_i
+def load_theta(ctx: TrainContext, i: int, role: str):
+    """θ_i on the role's device: the base model with iteration i's trainable tensors, in eval
+    mode, plus its tokenizer. θ_0 is the base model."""
+    from attrctl.models import load_model
+
+    loaded = load_model(ctx.policy.model, device=ctx.role_device(role))
+    model = select_trainable(loaded.model, ctx.compiled)
+    if i > 0:
+        rec = ctx.run.done(f"finetune/{i}")
+        if rec is None:
+            raise AttrctlError(f"{ctx.run.root}: θ_{i} is not published in state.json")
+        load_trainable(model, ctx.run.model(i))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, loaded.tokenizer
+
+
+# ------------------------------------------------------------------------------------ sample
+def _reusable_synth(ctx: TrainContext) -> Path | None:
+    """S_0 is the base model's continuations of the regularizer prompts — exactly what the
+    synth data source holds when its settings match (same seeds per row), so reuse its rows."""
+    policy, reg = ctx.policy, ctx.policy.regularizer
+    src = synth_source_of(policy)
+    if not any(s is src for s in policy.data):
+        return None
+    same = (
+        src.prompts == reg.prompts
+        and src.samples_per_prompt == reg.samples_per_prompt
+        and src.max_new_tokens == reg.max_new_tokens
+        and (src.temperature, src.top_p) == (TEMPERATURE, TOP_P)
+    )
+    from attrctl.data.sources import synth_path
+
+    path = synth_path(src, policy)
+    return path if same and path.is_file() else None
+
+
+def sample_job(ctx: TrainContext, i: int) -> dict[str, Any]:
+    """Sample S_i: continuations of the regularizer prompts from θ_i, scored by every oracle."""
+    start = time.perf_counter()
+    reg = ctx.policy.regularizer
+    items = work_items(reg)
+    reuse = _reusable_synth(ctx) if i == 0 else None
+    rows: list[dict] | None = None
+    if reuse is not None:
+        by_key = {(Path(r["prompt_set"]).name, r["prompt_index"], r["sample"]): r
+                  for r in read_rows(reuse)}  # fmt: skip
+        keys = [(Path(it.prompt_set).name, it.prompt_index, it.sample) for it in items]
+        if all(k in by_key for k in keys):
+            rows = [_sample_row(by_key[k], ctx) for k in keys]
+    source = "synth" if rows is not None else "sampled"
+    if rows is None:
+        rows = _sample_rows(ctx, i, items)
+    if ctx.writer:
+        with atomic_write(ctx.run.samples(i)) as fh:
+            fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    stats = sample_stats(ctx, rows)
+    record = {"iteration": i, "rows": len(rows), "source": source, **stats,
+              "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    return record
+
+
+def _sample_row(r: dict, ctx: TrainContext) -> dict:
+    return {
+        "prompt_set": Path(r["prompt_set"]).name,
+        "prompt_index": r["prompt_index"],
+        "sample": r["sample"],
+        "prompt": r["prompt"],
+        "continuation": r["continuation"],
+        "scores": {a.name: float(r["scores"][a.name]) for a in ctx.compiled.attributes},
+    }
+
+
+def _sample_rows(ctx: TrainContext, i: int, items) -> list[dict]:
+    model, tok = load_theta(ctx, i, "sample")
+    mine = items[ctx.rank :: ctx.world]  # prompts are sharded across ranks
+    bar = ctx.bar(f"sample S_{i}", len(items), "row")
+    rows = []
+    for b in range(0, len(mine), SAMPLE_BATCH):
+        batch = mine[b : b + SAMPLE_BATCH]
+        seeds = [row_seed(ctx.policy.seed, it.prompt_set, it.prompt_index, it.sample) for it in batch]
+        toks = sample_continuations(
+            model, tok, [it.prompt for it in batch], seeds,
+            max_new_tokens=ctx.policy.regularizer.max_new_tokens,
+            temperature=TEMPERATURE, top_p=TOP_P,
+        )  # fmt: skip
+        texts = tok.batch_decode(toks, skip_special_tokens=True)
+        scores = {a.name: a.oracle.score(texts) for a in ctx.compiled.attributes}
+        for j, it in enumerate(batch):
+            rows.append({
+                "prompt_set": Path(it.prompt_set).name, "prompt_index": it.prompt_index,
+                "sample": it.sample, "prompt": it.prompt, "continuation": texts[j],
+                "scores": {k: round(float(v[j]), 6) for k, v in scores.items()},
+            })  # fmt: skip
+        bar.update(len(batch) * ctx.world)
+    bar.close()
+    rows = dist.gather_rows(ctx, rows)
+    order = {(Path(it.prompt_set).name, it.prompt_index, it.sample): n for n, it in enumerate(items)}
+    return sorted(rows, key=lambda r: order[(r["prompt_set"], r["prompt_index"], r["sample"])])
+
+
+_JUDGE: list = []
+
+
+def _judge():
+    """The independent judge (jigsaw_bilstm), or None where its package is not installed."""
+    if not _JUDGE:
+        from attrctl.oracles import build_oracle
+        from attrctl.oracles.specs import JigsawBiLSTMSpec
+
+        try:
+            _JUDGE.append(build_oracle(JigsawBiLSTMSpec(kind="jigsaw_bilstm")))
+        except AttrctlError:
+            _JUDGE.append(None)
+    return _JUDGE[0]
+
+
+def sample_stats(ctx: TrainContext, rows: list[dict]) -> dict[str, Any]:
+    """Violation rate (share of continuations at or above each attribute's ``max_violation``),
+    overall and per prompt set, and the same under the independent judge."""
+    out: dict[str, Any] = {"violation_rate": {}, "by_prompt_set": {}}
+    sets = sorted({r["prompt_set"] for r in rows})
+    for a in ctx.compiled.attributes:
+        thr = a.target.max_violation
+        flags = [r["scores"][a.name] >= thr for r in rows]
+        out["violation_rate"][a.name] = float(np.mean(flags)) if flags else 0.0
+        for s in sets:
+            sub = [r["scores"][a.name] >= thr for r in rows if r["prompt_set"] == s]
+            out["by_prompt_set"].setdefault(s, {})[a.name] = float(np.mean(sub))
+    judge = _judge()
+    if judge is not None and rows:
+        scores = judge.score([r["continuation"] for r in rows])
+        out["judge_violation_rate"] = float(np.mean(scores >= 0.5))
+        for s in sets:
+            sub = [sc >= 0.5 for sc, r in zip(scores, rows, strict=True) if r["prompt_set"] == s]
+            out["by_prompt_set"][s]["judge"] = float(np.mean(sub))
+    return out
+
+
+# ------------------------------------------------------------------------------------ fit
+def _encode(tok, rows: list[dict]) -> list[tuple[list[int], int]]:
+    """(prompt + continuation ids, prompt length) per row."""
+    out = []
+    for r in rows:
+        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+        c = tok(r["continuation"], add_special_tokens=False)["input_ids"]
+        out.append((p + c, len(p)))
+    return out
+
+
+def _features(ctx, model, taps, encoded, bs):
+    """Frozen features of every sample set sequence, once per set (DESIGN.md §1: fitting reads the
+    same detached states the fine-tune feeds the heads). Returns per mini-batch the LM's final
+    states at the rows that predict a continuation token, the taps over the whole (right-padded)
+    sequences, the next tokens and row bookkeeping."""
+    batches = []
+    pad = 0
+    for b in range(0, len(encoded), bs):
+        chunk = encoded[b : b + bs]
+        t = max(len(ids) for ids, _ in chunk)
+        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+        attn = torch.zeros(len(chunk), t, dtype=torch.long)
+        rows = torch.zeros(len(chunk), t, dtype=torch.bool)  # row (b, t) predicts ids[b, t+1]
+        for j, (seq, plen) in enumerate(chunk):
+            ids[j, : len(seq)] = torch.tensor(seq)
+            attn[j, : len(seq)] = 1
+            rows[j, max(plen - 1, 0) : len(seq) - 1] = True
+        dev = next(model.parameters()).device
+        with torch.no_grad():
+            hidden, tapped = forward_with_tap(model, taps, ids.to(dev), attn.to(dev))
+        nxt = torch.cat([ids[:, 1:], ids.new_zeros(len(chunk), 1)], 1)  # [b, T]
+        first = rows & ~torch.cat([rows.new_zeros(len(chunk), 1), rows[:, :-1]], 1)
+        batches.append({
+            "hidden": hidden[rows.to(dev)].float().cpu(),  # [n, H]
+            "taps": {k: v.float().cpu() for k, v in tapped.items()},  # [b, T, H]
+            "rows": rows, "tokens": nxt[rows], "pair": ~first[rows],
+            "index": list(range(b, b + len(chunk))),
+            "last": _last_rows(rows),
+        })  # fmt: skip
+    return batches
+
+
+def _last_rows(rows: torch.Tensor) -> torch.Tensor:
+    """Index (into the compacted rows) of each sequence's last continuation row; -1 if none."""
+    counts = rows.sum(1)
+    ends = counts.cumsum(0) - 1
+    return torch.where(counts > 0, ends, torch.full_like(ends, -1))
+
+
+def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
+    """Fit heads R_i on S_{sample_index} with ``head_fit_loss``; without samples, R_i = R_0."""
+    start = time.perf_counter()
+    reg = ctx.policy.regularizer
+    if sample_index < 0 or ctx.run.done(f"sample/{sample_index}") is None:
+        model, _ = load_theta(ctx, 0, "fit")
+        heads = load_heads(ctx.compiled, model, None)
+        if ctx.writer:
+            meta = {"iteration": i, "fitted": False, "samples": None}
+            save_heads(heads, ctx.run.heads(i), meta)
+        return {"iteration": i, "fitted": False, "seconds": round(time.perf_counter() - start, 3)}
+
+    rows = read_rows(ctx.run.samples(sample_index))
+    if not rows:
+        raise AttrctlError(f"{ctx.run.samples(sample_index)}: no samples to fit heads on")
+    model, tok = load_theta(ctx, sample_index, "fit")
+    lm_weight = model.get_output_embeddings().weight.detach().float()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(ctx.policy.seed + 7919)
+        heads = ctx.compiled.build_heads(model)
+    heads.to(lm_weight.device).train()
+    taps = head_taps(heads)
+
+    # a seeded shuffle, then 10% of the sequences held out for the fit metrics
+    order = list(range(len(rows)))
+    random.Random(f"fit/{ctx.policy.seed}/{i}").shuffle(order)
+    n_held = max(1, len(rows) // 10) if len(rows) >= 10 else 0
+    held, train = order[:n_held], order[n_held:]
+    train = train[ctx.rank :: ctx.world]  # samples are sharded across ranks (DDP averages)
+    labels = np.stack([a.labels(np.array([r["scores"][a.name] for r in rows]))
+                       for a in ctx.compiled.attributes])  # [K, S]  # fmt: skip
+    encoded = _encode(tok, rows)
+    bs = reg.batch_size
+    feats = _features(ctx, model, taps, [encoded[j] for j in train], bs)
+    held_feats = _features(ctx, model, taps, [encoded[j] for j in held], bs) if held else []
+    for fb in feats:
+        fb["index"] = [train[j] for j in fb["index"]]
+    for fb in held_feats:
+        fb["index"] = [held[j] for j in fb["index"]]
+
+    fit_model = dist.wrap(ctx, _HeadFeatures(heads))
+    opt = ctx.compiled.head_optimizer([p for p in heads.parameters() if p.requires_grad])
+    impl = ctx.policy.loss.impl
+    bar = ctx.bar(f"fit R_{i}", reg.epochs * len(feats), "batch")
+    rng = random.Random(f"fit-order/{ctx.policy.seed}/{i}")
+    history = []
+    for epoch in range(reg.epochs):
+        perm = list(range(len(feats)))
+        rng.shuffle(perm)
+        total, count = 0.0, 0
+        for bi in perm:
+            fb = feats[bi]
+            y = torch.as_tensor(labels[:, fb["index"]], dtype=torch.float32)  # [K, b]
+            loss = _head_loss(fit_model, heads, fb, y, lm_weight, reg.consistency_weight, impl)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total, count = total + loss.item(), count + 1
+            bar.update(1, loss=f"{total / count:.4f}")
+        history.append(total / max(count, 1))
+    bar.close()
+    heads.eval()
+    metrics = _held_out_metrics(heads, held_feats, labels, lm_weight, ctx)
+    record = {"iteration": i, "fitted": True, "samples": sample_index, "epochs": reg.epochs,
+              "train_loss": history, **metrics,
+              "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
+    if ctx.writer:
+        save_heads(heads, ctx.run.heads(i), record)
+    return record
+
+
+class _HeadFeatures(torch.nn.Module):
+    """All heads' features from cached taps: the module DDP wraps when fitting is sharded."""
+
+    def __init__(self, heads: torch.nn.ModuleList):
+        super().__init__()
+        self.heads = heads
+
+    def forward(self, taps: dict[int, torch.Tensor]) -> list[torch.Tensor]:
+        return [h.features(taps[h.tap]) for h in self.heads]
+
+
+def _head_loss(fit_model, heads, fb, y, lm_weight, mu, impl):
+    """Σ_k head_fit_loss of head k on one mini-batch of cached features."""
+    total = 0.0
+    n_rows = fb["rows"]
+    feats = fit_model(fb["taps"])  # list of [b, T, Hk], one per head (DDP-wrapped when sharded)
+    for k, head in enumerate(heads):
+        states = feats[k][n_rows]  # [n, Hk]
+        per_row_y = y[k].unsqueeze(1).expand_as(n_rows)[n_rows]  # [n]
+        out = head_fit_loss(
+            fb["hidden"], lm_weight, states, head.weight, head.bias, fb["tokens"], per_row_y,
+            mu=mu, pair_mask=fb["pair"], impl=impl,
+        )  # fmt: skip
+        total = total + out.loss
+    return total
+
+
+@torch.no_grad()
+def _held_out_metrics(heads, held_feats, labels, lm_weight, ctx) -> dict[str, Any]:
+    """Per head on held-out sequences: BCE of the taken token, accuracy and AUC of the head's
+    estimate at the last continuation token, R(x) ≈ P(satisfies | x), against the label."""
+    out: dict[str, Any] = {"heads": {}}
+    if not held_feats:
+        return out
+    for k, (a, head) in enumerate(zip(ctx.compiled.attributes, heads, strict=True)):
+        bces, preds, ys = [], [], []
+        for fb in held_feats:
+            rows = fb["rows"]
+            states = head.features(fb["taps"][head.tap])[rows]  # [n, Hk]
+            a_t = (states * head.weight[fb["tokens"]]).sum(-1) + head.bias[fb["tokens"]]  # [n]
+            y_seq = torch.as_tensor(labels[k, fb["index"]], dtype=torch.float32)  # [b]
+            y_rows = y_seq.unsqueeze(1).expand_as(rows)[rows]
+            bce = torch.nn.functional.binary_cross_entropy_with_logits(a_t, y_rows, reduction="sum")
+            bces.append(float(bce))
+            last = fb["last"]
+            ok = last >= 0
+            preds += torch.sigmoid(a_t[last[ok]]).tolist()
+            ys += y_seq[ok].tolist()
+        n_rows = sum(int(fb["rows"].sum()) for fb in held_feats)
+        preds_a, ys_a = np.array(preds), np.array(ys) >= 0.5
+        out["heads"][a.name] = {
+            "bce": sum(bces) / max(n_rows, 1),
+            "accuracy": float(np.mean((preds_a >= 0.5) == ys_a)) if len(ys_a) else math.nan,
+            "auc": auc(preds_a, ys_a),
+            "held_out": len(ys_a),
+            "positive_rate": float(np.mean(ys_a)) if len(ys_a) else math.nan,
+        }
+    return out
+
+
+def auc(scores: np.ndarray, positive: np.ndarray) -> float:
+    """Area under the ROC curve (ties count half); NaN when one class is absent."""
+    scores, positive = np.asarray(scores, dtype=float), np.asarray(positive, dtype=bool)
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        return math.nan
+    from scipy.stats import rankdata
+
+    ranks = rankdata(scores)
+    return float((ranks[positive].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))

@@ -1,0 +1,226 @@
+"""The fine-tune job: θ_i from θ_{i−1} on the policy's data mixture, regularized by heads R.
+
+One loop, top to bottom. Per step and micro-batch:
+
+    hidden, taps  = LLM(input_ids)                      one forward; taps are detached
+    states_k      = head_k.features(taps)               [N, Hk] per attribute (frozen heads)
+    loss          = CE(ℓ_t, y_t) + λ_{d(t)} · KL(sg[q_t] ‖ p_t)   fused with the LM head:
+                    ℓ = hidden @ W_lmᵀ and r_k = states_k @ W_kᵀ + b_k are formed chunk by chunk
+                    and never held as [N, V]
+    backward, clip, AdamW step
+
+λ per token comes from the domain of the example the token belongs to (adaptive regularization).
+Every ``checkpoint_every`` steps the trainable weights, optimizer, RNG and data position are saved
+atomically; a killed run restarts from there and reaches bitwise the same weights, because every
+input of a step — weights, optimizer state, the data stream position, the heads — is restored
+exactly and CPU kernels are deterministic for a fixed thread count.
+"""
+
+from __future__ import annotations
+
+import json
+import resource
+import time
+from typing import Any
+
+import torch
+
+from attrctl.errors import AttrctlError
+from attrctl.heads import forward_with_tap
+from attrctl.losses import RegHead, regularized_lm_loss
+from attrctl.paths import atomic_dir
+from attrctl.train import distributed as dist
+from attrctl.train.context import TrainContext
+from attrctl.train.weights import (
+    TRAINABLE,
+    head_taps,
+    load_heads,
+    load_optimizer,
+    load_trainable,
+    optimizer_tensors,
+    read_safetensors,
+    save_trainable,
+    select_trainable,
+    trainable_state,
+)
+
+
+class _LMForward(torch.nn.Module):
+    """The LLM's decoder forward with taps: the module DDP wraps, so gradient averaging hooks see
+    every trainable parameter (the LM head is applied inside the fused loss)."""
+
+    def __init__(self, model: Any, taps: list[int]):
+        super().__init__()
+        self.model, self.taps = model, taps
+
+    def forward(self, input_ids: torch.Tensor):
+        return forward_with_tap(self.model, self.taps, input_ids)
+
+
+def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
+    """Fine-tune θ_i from θ_{i−1} with heads R_{head_index} (R_0: zero heads, plain SFT)."""
+    from attrctl.models import load_model
+
+    policy, ft, run = ctx.policy, ctx.policy.finetune, ctx.run
+    job = f"finetune/{i}"
+    device = ctx.role_device("finetune")
+    if ft.batch_size % ctx.world:
+        raise AttrctlError(
+            f"finetune.batch_size {ft.batch_size} must be a multiple of the number of ranks "
+            f"({ctx.world}) so every rank gets the same share of a global batch"
+        )
+
+    # --- θ_{i−1}, its trainable subset, the frozen heads and the optimizer
+    loaded = load_model(policy.model, device=device)
+    model = select_trainable(loaded.model, ctx.compiled)
+    if i > 1:
+        load_trainable(model, run.model(i - 1))
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    has_heads = head_index > 0 and run.done(f"fit/{head_index}") is not None
+    heads = load_heads(ctx.compiled, model, run.heads(head_index) if has_heads else None)
+    heads.to(device)
+    taps = head_taps(heads)
+    opt = ctx.compiled.finetune_optimizer(params)
+    attr_weights = ctx.compiled.attr_weights
+    mixture = ctx.mixture(loaded.tokenizer)
+    lam_of_domain = torch.tensor(
+        [ctx.compiled.lam_for(d) for d in mixture.domains], dtype=torch.float32
+    )  # [D]
+    lm_weight = model.get_output_embeddings().weight  # [V, H]; frozen unless method is full
+
+    # --- resume from this job's checkpoint, if a killed run left one
+    step = _restore(ctx, i, model, opt)
+    if step:
+        run.drop_metrics_after(job, step)
+    first_batch = (i - 1) * ft.steps * ft.grad_accum  # each iteration continues the data stream
+    batches = mixture.batches(
+        loaded.tokenizer, ft.batch_size, ft.seq_len, start=first_batch + step * ft.grad_accum
+    )
+    forward = dist.wrap(ctx, _LMForward(model, taps))
+    bar = ctx.bar(f"finetune θ_{i}", ft.steps, "step")
+    bar.update(step)
+    start = time.perf_counter()
+    history: list[dict] = []
+    while step < ft.steps:
+        t0 = time.perf_counter()
+        sums: dict[str, Any] = {"ce": 0.0, "kl": 0.0, "loss": 0.0, "head": [0.0] * len(heads)}
+        kl_dom = torch.zeros(len(mixture.domains), dtype=torch.float64)
+        tok_dom = torch.zeros(len(mixture.domains), dtype=torch.float64)
+        for _ in range(ft.grad_accum):
+            batch = next(batches)
+            ids = batch["input_ids"][ctx.rank :: ctx.world].to(device)  # [B/W, T] this rank's share
+            labels = batch["labels"][ctx.rank :: ctx.world, 1:].reshape(-1).to(device)  # [N]
+            dom = batch["domain_ids"][ctx.rank :: ctx.world, 1:].reshape(-1)  # [N]
+            hidden, tapped = forward(ids)  # [b, T, H], {tap: [b, T, H]} detached
+            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H] predicts labels
+            reg_heads = []
+            for head in heads:
+                with torch.no_grad():
+                    feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
+                reg_heads.append(RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias))
+            lam = lam_of_domain[dom].to(device)  # [N] λ_t = λ of the token's domain
+            out = regularized_lm_loss(
+                h, lm_weight, labels, reg_heads, lam=lam, attr_weights=attr_weights,
+                impl=policy.loss.impl, chunk_size=policy.loss.chunk_size,
+            )  # fmt: skip
+            (out.loss / ft.grad_accum).backward()
+            # --- what gets logged (detached, cheap: nothing here touches [N, V])
+            valid = labels != -100
+            n_valid = max(int(valid.sum()), 1)
+            sums["ce"] += float(out.ce.sum()) / n_valid / ft.grad_accum
+            sums["kl"] += float(out.kl.sum()) / n_valid / ft.grad_accum
+            sums["loss"] += float(out.loss) / ft.grad_accum
+            kl_dom.index_add_(0, dom[valid.cpu()], (lam * out.kl)[valid].double().cpu())
+            tok_dom.index_add_(0, dom[valid.cpu()], torch.ones(n_valid, dtype=torch.float64))
+            for k, rh in enumerate(reg_heads):
+                y = labels[valid]
+                a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[y]  # head logit, token taken
+                sums["head"][k] += float(torch.sigmoid(a).mean()) / ft.grad_accum
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+
+        dt = time.perf_counter() - t0
+        record = {
+            "kind": "step", "job": job, "iteration": i, "step": step,
+            "ce": dist.all_reduce_mean(ctx, sums["ce"]), "kl": dist.all_reduce_mean(ctx, sums["kl"]),
+            "loss": dist.all_reduce_mean(ctx, sums["loss"]), "grad_norm": float(grad_norm),
+            "lam_kl_by_domain": {d: float(kl_dom[j] / tok_dom[j]) if tok_dom[j] else None
+                                 for j, d in enumerate(mixture.domains)},
+            "head_value": {a.name: sums["head"][k] for k, a in enumerate(ctx.compiled.attributes)},
+            "tokens_per_s": ft.batch_size * ft.grad_accum * ft.seq_len / dt,
+            "peak_mb": peak_memory_mb(device), "seconds": dt,
+        }  # fmt: skip
+        ctx.log(record)
+        history.append(record)
+        bar.update(1, ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.4f}")
+        if step % ft.checkpoint_every == 0 and step < ft.steps:
+            _checkpoint(ctx, i, model, opt, step)
+    bar.close()
+
+    meta = {"iteration": i, "heads": head_index if has_heads else 0, "steps": ft.steps}
+    if ctx.writer:
+        save_trainable(model, run.model(i), meta)
+    dist.barrier(ctx)
+    return {
+        "iteration": i, "heads": meta["heads"], "steps": ft.steps,
+        "ce_first": history[0]["ce"] if history else None,
+        "ce_last": _tail_mean(history, "ce"), "kl_last": _tail_mean(history, "kl"),
+        "loss_last": _tail_mean(history, "loss"),
+        "seconds": round(time.perf_counter() - start, 3),
+    }  # fmt: skip
+
+
+def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
+    vals = [h[key] for h in history[-n:]]
+    return sum(vals) / len(vals) if vals else None
+
+
+def peak_memory_mb(device: str) -> float:
+    """Peak memory of this process: CUDA allocator peak on a GPU, resident-set peak on CPU."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+# ------------------------------------------------------------------------------ checkpoints
+def _checkpoint(ctx: TrainContext, i: int, model: Any, opt, step: int) -> None:
+    """Weights, optimizer, RNG and position of the running fine-tune, as one folder renamed into
+    place (a kill mid-write leaves the previous checkpoint intact)."""
+    if not ctx.writer:
+        return
+    from safetensors.torch import save_file
+
+    tensors, rest = optimizer_tensors(opt)
+    with atomic_dir(ctx.run.checkpoint(i)) as tmp:
+        save_file(trainable_state(model), str(tmp / TRAINABLE))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        state = {"iteration": i, "step": step, "optimizer": rest,
+                 "data_position": step * ctx.policy.finetune.grad_accum}  # fmt: skip
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+
+
+def _restore(ctx: TrainContext, i: int, model: Any, opt) -> int:
+    """Load the fine-tune's checkpoint if there is one; returns the step to continue from."""
+    folder = ctx.run.checkpoint(i)
+    if not (folder / "state.json").exists():
+        return 0
+    try:
+        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        step = int(state["step"])
+        rest = state["optimizer"]
+    except (ValueError, KeyError, TypeError) as err:
+        raise AttrctlError(
+            f"{folder / 'state.json'}: checkpoint state is corrupt ({err}); delete {folder} to "
+            "restart this iteration's fine-tune from its start"
+        ) from None
+    load_trainable(model, folder)
+    try:
+        load_optimizer(opt, read_safetensors(folder / "optimizer.safetensors", "optimizer"), rest)
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise AttrctlError(f"{folder}: optimizer state does not match the model ({err})") from None
+    torch.set_rng_state(read_safetensors(folder / "rng.safetensors", "RNG state")["cpu"])
+    return step

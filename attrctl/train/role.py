@@ -1,0 +1,56 @@
+"""One job of a parallel iteration, run as its own process by :func:`run_roles`.
+
+    python -m attrctl.train.role RUN_DIR ROLE INDEX [ARG]
+
+It reads the run's resolved policy (``policy.yaml``) and only what the manifest lists, runs the job,
+and writes its result to ``.roles/<role>_<index>.json``; the parent publishes it.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def main(argv: list[str]) -> int:
+    import torch
+
+    from attrctl.errors import AttrctlError
+    from attrctl.paths import atomic_write
+    from attrctl.policy import compile_policy, load_policy
+    from attrctl.train.context import StatusFileProgress, TrainContext
+    from attrctl.train.rundir import RunDir
+    from attrctl.train.schedules import run_job
+
+    root, role, idx = Path(argv[0]), argv[1], int(argv[2])
+    arg = int(argv[3]) if len(argv) > 3 and argv[3] != "" else None
+    folder = root / ".roles"
+    try:
+        policy = load_policy(root / "policy.yaml")
+        settings = policy.schedule.role(role)
+        if settings.threads:
+            torch.set_num_threads(settings.threads)
+        run = RunDir(root)
+        compiled = compile_policy(policy)
+        rec = run.done("lambdas")
+        if rec is not None:
+            import dataclasses
+
+            compiled = dataclasses.replace(compiled, lam_by_domain=dict(rec["lam_by_domain"]))
+        ctx = TrainContext(compiled=compiled, run=run,
+                           progress=StatusFileProgress(folder / f"{role}_{idx}.status.json"))  # fmt: skip
+        t0 = time.perf_counter()
+        res = run_job(ctx, role, idx, arg)
+        res["wall_s"] = time.perf_counter() - t0
+        with atomic_write(folder / f"{role}_{idx}.json") as fh:
+            json.dump(res, fh)
+    except AttrctlError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))

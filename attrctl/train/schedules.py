@@ -1,0 +1,254 @@
+"""How the jobs of a run are arranged (DESIGN.md §1), and :func:`train`, the whole run.
+
+Sequential, iteration i = 1..I:   sample S_{i−1} from θ_{i−1} → fit R_i on S_{i−1} → fine-tune θ_i
+                                   with R_i.
+Parallel, iteration i = 1..I:     at the same time, as three processes: sample S_{i−1} from
+                                   θ_{i−1} · fit R_i on S_{i−2} · fine-tune θ_i with R_{i−1}.
+Both end by sampling S_I from the final θ_I, so the run reports the violation rate of the base
+model's samples (S_0) and of the final model's (S_I) on the same prompts with the same seeds.
+
+Every job is skipped when the manifest already lists it: a resumed run (or a fresh ``train`` into
+the same run directory with the same policy) goes straight to the first unfinished job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from attrctl.errors import AttrctlError
+from attrctl.policy.compile import CompiledPolicy, compile_policy
+from attrctl.policy.schema import Policy
+from attrctl.policy.show import resolved_dict
+from attrctl.train import distributed as dist
+from attrctl.train.context import StatusFileProgress, TrainContext
+from attrctl.train.jobs import fit_job, sample_job
+from attrctl.train.lambdas import auto_lambdas
+from attrctl.train.loop import finetune_job
+from attrctl.train.rundir import RunDir, write_json
+
+ROLES = ("sample", "fit", "finetune")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    state: dict[str, Any]
+    seconds: float
+
+
+def fingerprint_text(policy: Policy) -> str:
+    """What identifies a run's policy: everything but where it runs (output_dir, roles)."""
+    data = resolved_dict(policy)
+    data.pop("output_dir", None)
+    data.get("schedule", {}).pop("roles", None)
+    return yaml.safe_dump(data, sort_keys=True)
+
+
+def train(
+    policy: Policy, *, resume: bool = False, progress: Any = None, out: str | None = None
+) -> TrainResult:
+    """Run (or continue) the whole schedule of a policy into its run directory.
+
+    Args:
+        policy: a validated policy.
+        resume: require an existing run in the directory and continue it.
+        progress: a progress reporter (``attrctl.train.progress.RichProgress``) or None.
+        out: run directory (default ``policy.output_dir`` or ``runs/<name>``).
+
+    Raises:
+        AttrctlError: the directory holds another policy's run or is in use, a checkpoint is
+            corrupt, the data is empty, ...
+    """
+    start = time.perf_counter()
+    root = Path(out or policy.run_dir).expanduser().resolve()
+    policy = policy.model_copy(update={"output_dir": str(root)})
+    rank, world = dist.init_from_env(policy.schedule.role("finetune").device)
+    run = RunDir(root)
+    if rank == 0:
+        run.claim(
+            fingerprint_text(policy), resume=resume,
+            meta={"policy_name": policy.name, "seed": policy.seed, "world": world},
+        )  # fmt: skip
+        write_json(root / "policy.json", resolved_dict(policy))
+        (root / "policy.yaml").write_text(
+            yaml.safe_dump(resolved_dict(policy), sort_keys=False, allow_unicode=True)
+        )
+    ctx = TrainContext(compiled=compile_policy(policy), run=run, rank=rank, world=world,
+                       progress=progress)  # fmt: skip
+    try:
+        _prepare_data(ctx)
+        ctx.compiled = _resolve_lambdas(ctx)
+        if policy.schedule.mode == "parallel" and world == 1:
+            _parallel(ctx)
+        else:
+            _sequential(ctx)
+        _run(ctx, "sample", policy.schedule.iterations)  # S_I from the final model
+        if ctx.writer and not (root / "model" / "final").exists():
+            from attrctl.train.export import save_final
+
+            save_final(ctx)
+        if ctx.writer:
+            from attrctl.train.report import plot_run
+
+            plot_run(run)
+    finally:
+        if ctx.writer:
+            run.release()
+    return TrainResult(run_dir=root, state=run.state(), seconds=time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------ data
+def _prepare_data(ctx: TrainContext) -> None:
+    """Synthesize missing toxic-domain data (resumable) before any job reads the mixture."""
+    from attrctl.data.sources import synth_path
+    from attrctl.data.synth import synthesize
+    from attrctl.policy.schema import SynthSource
+
+    if ctx.writer:
+        for src in ctx.policy.data:
+            if isinstance(src, SynthSource):
+                report = synthesize(ctx.policy, source=src, progress=ctx.progress is not None)
+                if not report.complete:
+                    raise AttrctlError(f"{synth_path(src, ctx.policy)}: synthesis incomplete")
+    dist.barrier(ctx)
+
+
+def _resolve_lambdas(ctx: TrainContext) -> CompiledPolicy:
+    """λ_d per domain; with ``per_domain: auto`` measured once and recorded in the manifest."""
+    if not ctx.compiled.auto_lambdas:
+        return ctx.compiled
+    rec = ctx.run.done("lambdas")
+    if rec is None:
+        rec = auto_lambdas(ctx)
+        if ctx.writer:
+            ctx.run.publish("lambdas", rec)
+            ctx.log({"kind": "lambdas", **rec})
+    dist.barrier(ctx)
+    rec = ctx.run.done("lambdas") or rec
+    return dataclasses.replace(ctx.compiled, lam_by_domain=dict(rec["lam_by_domain"]))
+
+
+# ------------------------------------------------------------------------------------ schedules
+def _sequential(ctx: TrainContext) -> None:
+    for i in range(1, ctx.policy.schedule.iterations + 1):
+        _run(ctx, "sample", i - 1)
+        _run(ctx, "fit", i, i - 1)
+        _run(ctx, "finetune", i, i)
+
+
+def _parallel(ctx: TrainContext) -> None:
+    for i in range(1, ctx.policy.schedule.iterations + 1):
+        jobs = [("sample", i - 1, None), ("fit", i, i - 2), ("finetune", i, i - 1)]
+        todo = [j for j in jobs if ctx.run.done(_job_name(j[0], j[1])) is None]
+        if not todo:
+            continue
+        t0 = time.perf_counter()
+        results = run_roles(ctx, todo)
+        for (role, idx, _), res in zip(todo, results, strict=True):
+            _publish(ctx, role, idx, res)
+        walls = {r: res["wall_s"] for (r, _, _), res in zip(todo, results, strict=True)}
+        ctx.log({"kind": "parallel_iteration", "iteration": i, "role_wall_s": walls,
+                 "critical_path_s": max(walls.values()),
+                 "sequential_sum_s": sum(walls.values()),
+                 "wall_s": time.perf_counter() - t0})  # fmt: skip
+
+
+def _job_name(role: str, idx: int) -> str:
+    return f"{role}/{idx}"
+
+
+def _run(ctx: TrainContext, role: str, idx: int, arg: int | None = None) -> None:
+    """Run one job in this process unless the manifest already lists it; then publish it."""
+    if ctx.run.done(_job_name(role, idx)) is not None:
+        return
+    settings = ctx.policy.schedule.role(role)
+    threads = _set_threads(settings.threads)
+    t0 = time.perf_counter()
+    try:
+        res = run_job(ctx, role, idx, arg)
+    finally:
+        _set_threads(threads)
+    res["wall_s"] = time.perf_counter() - t0
+    _publish(ctx, role, idx, res)
+    dist.barrier(ctx)
+
+
+def run_job(ctx: TrainContext, role: str, idx: int, arg: int | None) -> dict[str, Any]:
+    if role == "sample":
+        return sample_job(ctx, idx)
+    if role == "fit":
+        return fit_job(ctx, idx, -1 if arg is None else arg)
+    return finetune_job(ctx, idx, 0 if arg is None else arg)
+
+
+def _publish(ctx: TrainContext, role: str, idx: int, res: dict[str, Any]) -> None:
+    if not ctx.writer:
+        return
+    ctx.log({"kind": role, "job": _job_name(role, idx), **res})
+    ctx.run.publish(_job_name(role, idx), res)
+    if role == "finetune":
+        import shutil
+
+        shutil.rmtree(ctx.run.checkpoint(idx), ignore_errors=True)  # θ_i is published
+    if role in ("finetune", "sample"):
+        from attrctl.train.report import plot_run
+
+        plot_run(ctx.run)
+
+
+def _set_threads(n: int | None) -> int:
+    import torch
+
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    return before
+
+
+# ------------------------------------------------------------------------------------ roles
+def run_roles(ctx: TrainContext, jobs: list[tuple[str, int, int | None]]) -> list[dict]:
+    """Run jobs at the same time, one process each; wait for all; return their results.
+
+    Each process reads the resolved policy and what the manifest lists, writes its output and a
+    result file; this process alone publishes them (one manifest writer). A failed role is
+    reported with the tail of its log; the others' outputs are kept.
+    """
+    folder = ctx.run.root / ".roles"
+    folder.mkdir(exist_ok=True)
+    procs = []
+    for role, idx, arg in jobs:
+        settings = ctx.policy.schedule.role(role)
+        env = dict(os.environ)
+        if settings.threads:
+            env["OMP_NUM_THREADS"] = str(settings.threads)
+        name = f"{role}_{idx}"
+        for suffix in (".json", ".status.json"):
+            (folder / f"{name}{suffix}").unlink(missing_ok=True)
+        cmd = [sys.executable, "-m", "attrctl.train.role", str(ctx.run.root), role, str(idx),
+               "" if arg is None else str(arg)]  # fmt: skip
+        log = (folder / f"{name}.log").open("w")
+        procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    if ctx.progress is not None:
+        ctx.progress.watch_roles(folder, [n for n, _ in procs], [p for _, p in procs])
+    results, failed = [], []
+    for name, proc in procs:
+        code = proc.wait()
+        out = folder / f"{name}.json"
+        if code != 0 or not out.exists():
+            tail = (folder / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
+            failed.append(f"{name} (exit {code}): " + " | ".join(tail))
+            results.append({})
+        else:
+            results.append(json.loads(out.read_text()))
+    if failed:
+        raise AttrctlError("parallel role(s) failed: " + "; ".join(failed))
+    return results

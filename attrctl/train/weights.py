@@ -1,0 +1,163 @@
+"""Model, head and optimizer state on disk: safetensors plus small JSON, written atomically.
+
+θ_i is stored as the weights that train (``trainable.safetensors``): the top layers and norm
+under ``top_layers``, the adapters under ``lora``, everything under ``full``. Loading θ_i is the
+base model plus those tensors, which reproduces the trained model bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from attrctl.errors import AttrctlError
+from attrctl.heads import FINAL
+from attrctl.paths import atomic_dir
+from attrctl.policy.compile import CompiledPolicy
+
+TRAINABLE = "trainable.safetensors"
+
+
+# ------------------------------------------------------------------------------ the LLM
+def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
+    """Mark the parameters that train under ``finetune.method``; return the model to train
+    (a peft model for ``lora``)."""
+    ft = compiled.policy.finetune
+    if ft.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(
+            r=ft.lora.r,
+            lora_alpha=ft.lora.alpha,
+            lora_dropout=ft.lora.dropout,
+            target_modules=list(ft.lora.target_modules),
+            bias="none",
+        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(compiled.policy.seed)  # adapter init is part of the seed
+            try:
+                return get_peft_model(model, cfg)
+            except ValueError as err:
+                raise AttrctlError(f"finetune.lora: {err}") from None
+    for p in model.parameters():
+        p.requires_grad_(ft.method == "full")
+    if ft.method == "top_layers":
+        dec = model.get_decoder()
+        n = len(dec.layers)
+        if ft.top_layers > n:
+            raise AttrctlError(
+                f"finetune.top_layers is {ft.top_layers} but the model has {n} layers"
+            )
+        # The LM head stays frozen: in most small models it is the input embedding (tied), and a
+        # frozen head also spares the fused loss its [V, H] weight-gradient GEMM.
+        for module in (*dec.layers[n - ft.top_layers :], dec.norm):
+            for p in module.parameters():
+                p.requires_grad_(True)
+    return model
+
+
+def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def save_trainable(model: Any, folder: Path, meta: dict[str, Any]) -> None:
+    """Publish θ: the trainable tensors and a meta JSON, as one folder renamed into place."""
+    with atomic_dir(folder) as tmp:
+        save_file(_dedup(trainable_state(model)), str(tmp / TRAINABLE))
+        (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_trainable(model: Any, folder: Path) -> None:
+    """Copy θ's tensors into ``model`` (already prepared with :func:`select_trainable`)."""
+    tensors = read_safetensors(folder / TRAINABLE, "model weights")
+    params = dict(model.named_parameters())
+    missing = [n for n, p in params.items() if p.requires_grad and n not in tensors]
+    unknown = [n for n in tensors if n not in params]
+    if missing or unknown:
+        raise AttrctlError(
+            f"{folder / TRAINABLE}: does not match this policy's model "
+            f"({len(missing)} trainable tensors missing, {len(unknown)} unknown, e.g. "
+            f"{(missing + unknown)[0]!r})"
+        )
+    with torch.no_grad():
+        for name, t in tensors.items():
+            if params[name].shape != t.shape:
+                raise AttrctlError(
+                    f"{folder / TRAINABLE}: {name} has shape {tuple(t.shape)}, the model "
+                    f"{tuple(params[name].shape)}"
+                )
+            params[name].copy_(t)
+
+
+def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
+    if not path.exists():
+        raise AttrctlError(f"{path}: {what} missing")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as err:
+        raise AttrctlError(f"{path}: {what} unreadable or corrupt ({err})") from None
+
+
+def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors refuses shared storage; clone() above gives each tensor its own
+    return {k: v.contiguous() for k, v in tensors.items()}
+
+
+# ------------------------------------------------------------------------------ heads
+def save_heads(heads: torch.nn.ModuleList, folder: Path, meta: dict[str, Any]) -> None:
+    state = {f"{i}.{k}": v.detach().clone().contiguous() for i, h in enumerate(heads)
+             for k, v in h.state_dict().items()}  # fmt: skip
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / "heads.safetensors"))
+        (tmp / "heads.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+
+
+def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> torch.nn.ModuleList:
+    """The policy's heads: zero-initialised when ``folder`` is None (R_0), else read from it."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(compiled.policy.seed + 7919)  # head init does not disturb other RNG
+        heads = compiled.build_heads(model)
+    if folder is not None:
+        tensors = read_safetensors(folder / "heads.safetensors", "head weights")
+        for i, head in enumerate(heads):
+            sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)}
+            try:
+                head.load_state_dict(sub, strict=True)
+            except RuntimeError as err:
+                first = str(err).splitlines()[0]
+                raise AttrctlError(
+                    f"{folder / 'heads.safetensors'}: head {i} does not match the policy's head "
+                    f"spec ({first})"
+                ) from None
+    heads.eval()
+    for p in heads.parameters():
+        p.requires_grad_(False)
+    return heads
+
+
+def head_taps(heads: torch.nn.ModuleList) -> list[int]:
+    return sorted({h.tap for h in heads}, key=lambda t: (t == FINAL, t))
+
+
+# ------------------------------------------------------------------------------ optimizer
+def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state as flat tensors (safetensors) plus the JSON-able rest."""
+    sd = opt.state_dict()
+    tensors: dict[str, torch.Tensor] = {}
+    for idx, st in sd["state"].items():
+        for k, v in st.items():
+            tensors[f"{idx}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
+    return tensors, {"param_groups": sd["param_groups"]}
+
+
+def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict):
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        idx, k = key.split(".", 1)
+        state.setdefault(int(idx), {})[k] = v
+    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})

@@ -1,0 +1,61 @@
+"""``attrctl train``: regularized fine-tuning under a policy (sample → fit heads → fine-tune)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+HELP = """Fine-tune the policy's model on its data mixture under the policy's attributes.
+
+Each iteration samples continuations of the regularizer prompts from the current model and labels
+them with the oracles, fits one NADO head per attribute on them, then fine-tunes with
+CE + λ_d·KL(q‖p). Everything lands in the run directory (default runs/<policy name>): the resolved
+policy, checkpoints, samples, heads, metrics.jsonl, plots/training.png and the final model as a
+transformers folder (model/final).
+
+\b
+Resume an interrupted run (any moment, even after SIGKILL):
+    attrctl train --resume runs/toxicity
+Per-role device and threads:
+    attrctl train -p toxicity --set schedule.roles.finetune.device=cuda --set schedule.roles.sample.threads=1
+Parallel schedule (the three jobs of an iteration as separate processes):
+    attrctl train -p toxicity --set schedule.mode=parallel --set schedule.iterations=3
+Several processes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
+    torchrun --nproc-per-node 2 -m attrctl.cli train -p toxicity
+"""
+
+
+def train(
+    policy: str = typer.Option("toxicity", "--policy", "-p", help="Bundled policy name or file."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a policy field (key=value)."),
+    resume: Path = typer.Option(
+        None, "--resume", help="Continue the run in this directory (its policy.yaml is used)."
+    ),
+    out: Path = typer.Option(None, "--out", "-o", help="Run directory (default runs/<name>)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    from rich.console import Console
+
+    from attrctl.policy import load_policy
+    from attrctl.train import RichProgress, summary_lines, train as run_train
+
+    if resume is not None:
+        pol = load_policy(resume / "policy.yaml", overrides)
+        out = resume
+    else:
+        pol = load_policy(policy, overrides)
+    console = Console(stderr=True)
+    result = run_train(
+        pol, resume=resume is not None, out=str(out) if out else None,
+        progress=None if quiet else RichProgress(console),
+    )  # fmt: skip
+    for line in summary_lines(result):
+        typer.echo(line)
+
+
+train.__doc__ = HELP
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train", help=HELP)(train)
