@@ -1,4 +1,5 @@
-"""``attrctl bench``: benchmarks of the fused losses (the harness lives in ``attrctl.bench``)."""
+"""``attrctl bench``: benchmarks of the fused losses and of a training step (the harnesses live
+in ``attrctl.bench`` and ``attrctl.bench_train``)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import typer
 
 from attrctl.bench import format_table, plot_rows, run_loss_benchmark
 
-app = typer.Typer(help="Benchmark the regularized losses.", no_args_is_help=True)
+app = typer.Typer(help="Benchmark the regularized losses and training step.", no_args_is_help=True)
 
 
 def _csv(value: str) -> list[str]:
@@ -46,3 +47,35 @@ def loss(
         typer.echo(format_table(rows))
     if plot:
         typer.echo(f"plot: {plot_rows(rows, plot)}", err=True)
+
+
+@app.command("train")
+def train(
+    policy: str = typer.Option("toxicity", "--policy", "-p", help="Policy name or YAML path."),
+    model: str | None = typer.Option(None, help="Override the policy's model (e.g. tiny-random)."),
+    steps: int = typer.Option(5, help="Timed steps per row (median reported), after warm-up."),
+    warmup: int = typer.Option(2, help="Untimed steps first (AdamW state is made in the first)."),
+    rows: str = typer.Option(
+        "sft,sft_fused,reg,sampler,head_fit", help="Comma list of rows to run."
+    ),
+    sample_batch: int | None = typer.Option(
+        None, help="Sampler batch (default: the sample job's)."
+    ),
+    overrides: list[str] = typer.Option(
+        [], "--set", help="Policy override KEY=VALUE (repeatable)."
+    ),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Plain transformers SFT step vs fused CE (λ = 0) vs the regularized step: time, peak memory
+    and their ratios, plus sampler and head-fit throughput (each row in a fresh process).
+
+    Acceptance run: attrctl bench train --policy toxicity
+    """
+    from attrctl.bench_train import format_train_table, run_train_benchmark
+
+    result = run_train_benchmark(
+        policy, model=model, overrides=overrides, steps=steps, warmup=warmup, rows=_csv(rows),
+        sample_batch=sample_batch,
+        progress=None if as_json else (lambda msg: typer.echo(f"running {msg}", err=True)),
+    )  # fmt: skip
+    typer.echo(json.dumps(result, indent=1) if as_json else format_train_table(result))

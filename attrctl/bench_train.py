@@ -1,0 +1,715 @@
+"""Training-step benchmark shared by ``attrctl bench train`` and ``benchmarks/``.
+
+DESIGN.md §5, *training overhead*: in one run, on the same model, batch, sequence length and
+trainable parameters, the time and peak memory of
+
+* ``sft`` — a plain SFT step as a user would write it without attrctl: the transformers model
+  called with ``labels=`` (its default loss), ``backward``, ``clip_grad_norm_``, AdamW step;
+* ``sft_fused`` — the same step through attrctl's fused CE with λ = 0 and no heads: the decoder
+  forward of :func:`attrctl.heads.forward_with_tap` and the policy's loss impl;
+* ``reg`` — the regularized step of the fine-tune job, with the policy's heads (given seeded
+  small random weights so the regularizer is not trivially zero) and per-token λ of the policy's
+  domains, alternating by row;
+
+plus the throughput of the other two jobs of an iteration: the sampler (generated tokens/s of
+:func:`attrctl.sampling.sample_continuations`, the policy's ``regularizer.max_new_tokens``, the
+sample job's batch) and one head-fitting step (continuation tokens/s of the fit job's step on
+cached features: head features, ``head_fit_loss``, backward, AdamW).
+
+The steps are built from the project's training pieces (``select_trainable``, ``load_heads``,
+``forward_with_tap``, ``regularized_lm_loss``, ``head_fit_loss``), and
+:func:`regularized_micro_step` is one micro-batch of ``attrctl.train.loop.finetune_job``,
+written so that the loop can call it.
+
+Data: random token ids ``[batch_size, seq_len]`` from the model's vocabulary (fixed seed); row
+``r`` belongs to domain ``r mod D`` of the policy's domains (sorted), and its tokens get that
+domain's λ. Every row sees the same ids.
+
+Timing: ``warmup`` untimed steps (AdamW state is created in the first), then ``steps`` timed
+steps; the median and spread (min, max) of their wall time.
+
+Peak memory (``peak_mb``): each row runs in a **fresh process** (so rows cannot contaminate each
+other) and reports the most resident memory its timed steps hold *above the model + optimizer
+baseline*: after the warm-up, with gradients freed (``zero_grad(set_to_none=True)``), the
+kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) and ``peak = VmHWM − VmRSS at
+that moment``. The baseline (``base_mb``, total RSS: libraries, weights, AdamW moments, the
+heads) is reported beside it. So the figure is what one step costs on top of a loaded model, the
+same definition for every row. The child runs with glibc's mmap threshold at 1 MiB so freed
+blocks return to the OS (see :mod:`attrctl.bench`). On CUDA the figures are the allocator's
+``max_memory_allocated`` above ``memory_allocated`` at the same point.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from attrctl.bench import _proc_kb, _reset_hwm, environment
+from attrctl.errors import AttrctlError
+
+#: The rows, in the order they are run and printed.
+ROWS = ("sft", "sft_fused", "reg", "sampler", "head_fit")
+STEP_ROWS = ("sft", "sft_fused", "reg")
+#: Keys every result carries (``--json`` top level); the acceptance test checks them.
+REQUIRED_KEYS = (
+    "sft_step_s",
+    "sft_fused_step_s",
+    "reg_step_s",
+    "sft_peak_mb",
+    "sft_fused_peak_mb",
+    "reg_peak_mb",
+    "reg_over_sft_time",
+    "reg_over_sft_mem",
+    "fused_over_sft_time",
+    "fused_over_sft_mem",
+    "sampler_tokens_per_s",
+    "head_fit_tokens_per_s",
+)
+#: The bar of the training-overhead issue: regularized / plain SFT (time, memory), and the stretch.
+BAR = {"time": 1.15, "mem": 1.10}
+STRETCH = {"time": 1.05, "mem": 1.00}
+PROMPT_LEN = 12  # prompt tokens of a synthetic head-fitting sequence
+
+
+@dataclass(frozen=True)
+class TrainBenchSpec:
+    """One row to measure (one fresh process on CPU)."""
+
+    row: str
+    policy: str = "toxicity"
+    model: str | None = None  # overrides the policy's model (``tiny-random`` for tests)
+    overrides: tuple[str, ...] = ()  # ``key=value`` policy overrides, as ``--set``
+    steps: int = 5
+    warmup: int = 2
+    sample_batch: int | None = None  # None: the sample job's batch
+    seed: int = 0
+
+
+@dataclass
+class TrainRow:
+    """One measured row; ``--json`` lists them under ``rows``."""
+
+    row: str
+    median_s: float | None = None
+    min_s: float | None = None
+    max_s: float | None = None
+    repeats: int = 0
+    peak_mb: float | None = None
+    base_mb: float | None = None
+    tokens: int = 0  # tokens one timed unit processes
+    tokens_per_s: float | None = None
+    loss: float | None = None  # loss of the last timed step (sanity: finite, rows comparable)
+    check: str = ""  # what was checked before timing
+    memory_method: str = ""
+    error: str | None = None
+    setup: dict[str, Any] = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------- the training step
+
+
+def regularized_micro_step(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]],
+    heads: Sequence[Any],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    lam: torch.Tensor,
+    lm_weight: torch.Tensor,
+    *,
+    attr_weights: Sequence[float] | None,
+    impl: str,
+    chunk_size: int | None,
+    grad_accum: int = 1,
+):
+    """One micro-batch of the fine-tune job: forward with taps, head features, fused loss,
+    backward (gradients accumulate; the caller clips and steps).
+
+    Args:
+        forward: ``ids → (hidden [b, T, H], {tap: [b, T, H] detached})`` (``forward_with_tap``
+            bound to the model and taps, DDP-wrapped or not).
+        heads: the frozen regularizer heads (``RegularizerHead``); empty for plain CE.
+        ids: [b, T] int64 input ids.
+        labels: [N] int64 next-token labels, N = b·(T−1), -100 = ignored.
+        lam: [N] fp32 λ_t of each token's domain.
+        lm_weight: [V, H] the LM head weight.
+        attr_weights: w_k per head (None: all 1).
+        impl, chunk_size: the policy's ``loss`` settings.
+        grad_accum: micro-batches per step (the loss is divided by it before backward).
+
+    Returns:
+        ``(LossOutput, reg_heads)``: the loss (ce/kl per token, detached) and the ``RegHead``
+        inputs, for logging.
+    """
+    from attrctl.losses import RegHead, regularized_lm_loss
+
+    hidden, tapped = forward(ids)  # [b, T, H], {tap: [b, T, H]} detached
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H] predicts labels
+    reg_heads = []
+    for head in heads:
+        with torch.no_grad():
+            feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
+        reg_heads.append(RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias))
+    out = regularized_lm_loss(
+        h, lm_weight, labels, reg_heads, lam=lam,
+        attr_weights=attr_weights if reg_heads else None, impl=impl, chunk_size=chunk_size,
+    )  # fmt: skip
+    (out.loss / grad_accum).backward()
+    return out, reg_heads
+
+
+def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer, max_norm: float):
+    """Clip, step, free the gradients (as the fine-tune job does after its micro-batches)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return grad_norm
+
+
+# --------------------------------------------------------------------------- setup
+
+
+@dataclass
+class _Setup:
+    compiled: Any
+    loaded: Any
+    model: Any
+    params: list[torch.Tensor]
+    device: str
+    info: dict[str, Any]
+
+
+def _load(spec: TrainBenchSpec) -> _Setup:
+    """Policy, model and its trainable subset as the fine-tune job prepares them."""
+    from attrctl.heads import num_layers
+    from attrctl.models import load_model
+    from attrctl.policy import compile_policy, load_policy
+    from attrctl.train.weights import select_trainable
+
+    overrides = list(spec.overrides) + ([f"model={spec.model}"] if spec.model else [])
+    policy = load_policy(spec.policy, overrides)
+    ft = policy.finetune
+    role = policy.schedule.role("finetune")
+    if role.threads:
+        torch.set_num_threads(role.threads)
+    device = role.device
+    loaded = load_model(policy.model, device=device)
+    n_layers = num_layers(loaded.model)
+    note = ""
+    if ft.method == "top_layers" and ft.top_layers > n_layers and spec.model:
+        # a small override model (tiny-random: 2 layers) cannot train the policy's top 4
+        note = f"finetune.top_layers {ft.top_layers} → {n_layers} (the model has {n_layers})"
+        policy = load_policy(spec.policy, [*overrides, f"finetune.top_layers={n_layers}"])
+        ft = policy.finetune
+    compiled = compile_policy(policy)
+    torch.manual_seed(spec.seed)
+    model = select_trainable(loaded.model, compiled)  # every row: the same setup to report
+    params = [p for p in model.parameters() if p.requires_grad]
+    from attrctl.losses import resolve_impl
+
+    info = {
+        "policy": policy.name,
+        "model": policy.model,
+        "batch_size": ft.batch_size,
+        "seq_len": ft.seq_len,
+        "tokens_per_step": ft.batch_size * (ft.seq_len - 1),
+        "method": ft.method,
+        "top_layers": ft.top_layers if ft.method == "top_layers" else None,
+        "trainable_params": sum(p.numel() for p in params),
+        "vocab": int(model.get_output_embeddings().weight.shape[0]),
+        "hidden": int(loaded.model.config.hidden_size),
+        "layers": n_layers,
+        "loss_impl": resolve_impl(policy.loss.impl, torch.device(device)),
+        "chunk_size": policy.loss.chunk_size,
+        "lam_by_domain": dict(compiled.lam_by_domain),
+        "heads": [a.head.model_dump(exclude_none=True) for a in compiled.attributes],
+        "device": device,
+        "threads": torch.get_num_threads(),
+        **({"note": note} if note else {}),
+    }
+    return _Setup(compiled, loaded, model, params, device, info)
+
+
+def _batch(st: _Setup, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [B, T], labels [N] (ids shifted), λ [N]: row r in domain r mod D."""
+    ft = st.compiled.policy.finetune
+    v = st.info["vocab"]
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, v, (ft.batch_size, ft.seq_len), generator=g)  # [B, T]
+    domains = sorted(st.compiled.lam_by_domain)
+    lam_row = torch.tensor(
+        [st.compiled.lam_for(domains[r % len(domains)]) for r in range(ft.batch_size)],
+        dtype=torch.float32,
+    )  # [B]
+    lam = lam_row.view(-1, 1).expand(-1, ft.seq_len - 1).reshape(-1)  # [N]
+    labels = ids[:, 1:].reshape(-1)  # [N]
+    return ids.to(st.device), labels.to(st.device), lam.to(st.device)
+
+
+def _seeded_heads(st: _Setup, seed: int) -> torch.nn.ModuleList:
+    """The policy's heads (``load_heads`` with no folder: R_0) given small random weights, so
+    that q ≠ p and the regularizer does real work."""
+    from attrctl.train.weights import load_heads
+
+    heads = load_heads(st.compiled, st.model, None)
+    g = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for head in heads:
+            head.weight.copy_(torch.randn(head.weight.shape, generator=g) * 0.05)
+            head.bias.copy_(torch.randn(head.bias.shape, generator=g) * 0.5)
+    return heads.to(st.device)
+
+
+# --------------------------------------------------------------------------- the rows
+
+
+def _step_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.Tensor], str]:
+    """A function running one full optimizer step of ``spec.row``; and the check it passed."""
+    from attrctl.heads import forward_with_tap
+    from attrctl.losses import regularized_lm_loss
+    from attrctl.train.weights import head_taps
+
+    ft = st.compiled.policy.finetune
+    loss_cfg = st.compiled.policy.loss
+    opt = st.compiled.finetune_optimizer(st.params)
+    ids, labels, lam = _batch(st, spec.seed)
+    st.model.train()
+
+    if spec.row == "sft":
+
+        def step():
+            loss = st.model(input_ids=ids, labels=ids).loss  # transformers' default CE
+            loss.backward()
+            optimizer_step(st.params, opt, ft.max_grad_norm)
+            return loss.detach()
+
+        return step, "transformers' own loss"
+
+    heads = _seeded_heads(st, spec.seed) if spec.row == "reg" else torch.nn.ModuleList()
+    taps = head_taps(heads)
+    lm_weight = st.model.get_output_embeddings().weight  # [V, H]
+    lam_used = lam if spec.row == "reg" else torch.zeros_like(lam)
+
+    def forward(x):
+        return forward_with_tap(st.model, taps, x)
+
+    def micro():
+        return regularized_micro_step(
+            forward, heads, ids, labels, lam_used, lm_weight,
+            attr_weights=st.compiled.attr_weights, impl=loss_cfg.impl,
+            chunk_size=loss_cfg.chunk_size, grad_accum=ft.grad_accum,
+        )  # fmt: skip
+
+    def step():
+        loss = None
+        for _ in range(ft.grad_accum):
+            out, _ = micro()
+            loss = out.loss.detach()
+        optimizer_step(st.params, opt, ft.max_grad_norm)
+        return loss
+
+    # correctness before timing: the fused loss on this batch against an independent one
+    with torch.no_grad():
+        hidden, tapped = forward(ids)
+        h = hidden[:, :-1].reshape(-1, hidden.shape[-1])
+        if spec.row == "sft_fused":
+            ref = float(st.model(input_ids=ids, labels=ids).loss)  # transformers' CE
+            got = float(
+                regularized_lm_loss(h, lm_weight, labels, [], lam=0.0, impl=loss_cfg.impl).loss
+            )
+            what = "fused CE (λ=0) = transformers' CE"
+        else:
+            reg_heads = [hd.reg_head(tapped[hd.tap][:, :-1]) for hd in heads]
+            kw = {"lam": lam, "attr_weights": st.compiled.attr_weights}
+            ref = float(
+                regularized_lm_loss(h, lm_weight, labels, reg_heads, impl="eager", **kw).loss
+            )
+            out = regularized_lm_loss(h, lm_weight, labels, reg_heads, impl=loss_cfg.impl, **kw)
+            got = float(out.loss)
+            if not float(out.kl.max()) > 0:
+                raise AttrctlError("the seeded heads give KL = 0: the regularizer does no work")
+            what = "regularized loss = eager reference"
+    del hidden, tapped, h
+    if not abs(got - ref) <= 1e-4 * max(1.0, abs(ref)):  # fp32 accumulation-order noise
+        raise AttrctlError(f"{spec.row}: loss {got:.6g} disagrees with {ref:.6g} ({what})")
+    return step, f"{what} (|Δ| {abs(got - ref):.1e})"
+
+
+def _sampler_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], int], int]:
+    """One batch of the sample job; returns a function giving the tokens it generated."""
+    from attrctl.data.prompt_sets import load_prompt_set
+    from attrctl.sampling import row_seed, sample_continuations
+    from attrctl.train.jobs import SAMPLE_BATCH, TEMPERATURE, TOP_P
+
+    reg = st.compiled.policy.regularizer
+    prompts = [p for ref in reg.prompts for p in load_prompt_set(ref).prompts]
+    b = spec.sample_batch or SAMPLE_BATCH
+    batch = [prompts[i % len(prompts)] for i in range(b)]
+    seeds = [row_seed(spec.seed, "bench", i, 0) for i in range(b)]
+    st.model.eval()
+    st.info.update(sample_batch=b, max_new_tokens=reg.max_new_tokens)
+
+    def run() -> int:
+        toks = sample_continuations(
+            st.model, st.loaded.tokenizer, batch, seeds,
+            max_new_tokens=reg.max_new_tokens, temperature=TEMPERATURE, top_p=TOP_P,
+        )  # fmt: skip
+        return sum(len(t) for t in toks)
+
+    return run, b
+
+
+def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.Tensor], int]:
+    """One head-fitting step as the fit job takes it: cached frozen features of ``regularizer.
+    batch_size`` sequences (a prompt, then ``max_new_tokens`` continuation tokens; random ids),
+    the heads' bodies on the taps, ``head_fit_loss`` on the continuation rows, backward, AdamW."""
+    from attrctl.heads import forward_with_tap
+    from attrctl.losses import head_fit_loss
+    from attrctl.train.weights import head_taps
+
+    reg = st.compiled.policy.regularizer
+    model = st.model.eval()
+    lm_weight = model.get_output_embeddings().weight.detach().float()  # [V, H]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(st.compiled.policy.seed + 7919)
+        heads = st.compiled.build_heads(model)
+    heads.to(lm_weight.device).train()
+    taps = head_taps(heads)
+    g = torch.Generator().manual_seed(spec.seed)
+    b, t = reg.batch_size, PROMPT_LEN + reg.max_new_tokens
+    ids = torch.randint(0, st.info["vocab"], (b, t), generator=g)  # [b, T]
+    rows = torch.zeros(b, t, dtype=torch.bool)  # row (i, j) predicts ids[i, j+1], a continuation
+    rows[:, PROMPT_LEN - 1 : t - 1] = True
+    first = rows & ~torch.cat([rows.new_zeros(b, 1), rows[:, :-1]], 1)  # no consistency pair
+    with torch.no_grad():
+        hidden, tapped = forward_with_tap(model, taps, ids.to(st.device))  # features, cached
+    hidden_rows = hidden[rows].float()  # [n, H]
+    tokens = torch.cat([ids[:, 1:], ids.new_zeros(b, 1)], 1)[rows]  # [n]
+    pair = ~first[rows]  # [n]
+    y = (torch.rand(len(heads), b, generator=g) < 0.5).float()  # [K, b] sequence labels
+    opt = st.compiled.head_optimizer([p for p in heads.parameters() if p.requires_grad])
+    impl, mu = st.compiled.policy.loss.impl, reg.consistency_weight
+    st.info.update(fit_batch=b, fit_seq_len=t)
+
+    def step() -> torch.Tensor:
+        total = 0.0
+        for k, head in enumerate(heads):
+            states = head.features(tapped[head.tap])[rows]  # [n, Hk]
+            per_row_y = y[k].unsqueeze(1).expand_as(rows)[rows]  # [n]
+            out = head_fit_loss(
+                hidden_rows, lm_weight, states, head.weight, head.bias, tokens, per_row_y,
+                mu=mu, pair_mask=pair, impl=impl,
+            )  # fmt: skip
+            total = total + out.loss
+        opt.zero_grad(set_to_none=True)
+        total.backward()
+        opt.step()
+        return total.detach()
+
+    return step, int(rows.sum())
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+def _mem_reset(cuda: bool) -> float:
+    gc.collect()
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        return torch.cuda.memory_allocated() / 2**20
+    _reset_hwm()
+    return _proc_kb("VmRSS") / 1024
+
+
+def _mem_peak(cuda: bool) -> float:
+    if cuda:
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+    return _proc_kb("VmHWM") / 1024
+
+
+def measure(spec: TrainBenchSpec) -> TrainRow:
+    """Measure one row in *this* process (:func:`run_rows` gives each row a fresh one)."""
+    if spec.row not in ROWS:
+        raise AttrctlError(f"unknown row {spec.row!r}: choose from {', '.join(ROWS)}")
+    row = TrainRow(spec.row)
+    st = _load(spec)
+    cuda = st.device.startswith("cuda")
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    warmup, repeats = spec.warmup, spec.steps
+    if spec.row in STEP_ROWS:
+        fn, row.check = _step_fn(spec, st)
+        row.tokens = st.info["tokens_per_step"] * st.compiled.policy.finetune.grad_accum
+    elif spec.row == "sampler":
+        fn, _ = _sampler_fn(spec, st)
+        warmup, repeats = min(warmup, 1), max(1, min(repeats, 3))  # a batch is seconds long
+    else:
+        fn, row.tokens = _head_fit_fn(spec, st)
+    for _ in range(warmup):
+        fn()
+    sync()
+    base = _mem_reset(cuda)
+    times, counts, last = [], [], None
+    for _ in range(repeats):
+        sync()
+        t0 = time.perf_counter()
+        last = fn()
+        sync()
+        times.append(time.perf_counter() - t0)
+        counts.append(last if isinstance(last, int) else row.tokens)
+    peak = _mem_peak(cuda)
+    row.median_s = statistics.median(times)
+    row.min_s, row.max_s, row.repeats = min(times), max(times), len(times)
+    row.base_mb, row.peak_mb = base, max(peak - base, 0.0)
+    if spec.row == "sampler":
+        row.tokens = int(statistics.median(counts))
+        row.tokens_per_s = sum(counts) / sum(times)
+    else:
+        row.tokens_per_s = row.tokens / row.median_s
+        row.loss = float(last)
+        if not torch.isfinite(torch.tensor(row.loss)):
+            raise AttrctlError(f"{spec.row}: the loss is not finite ({row.loss})")
+    row.memory_method = (
+        "cuda max_memory_allocated above memory_allocated after warm-up"
+        if cuda
+        else "VmHWM above VmRSS after warm-up (model + optimizer baseline), fresh process"
+    )
+    row.setup = st.info
+    return row
+
+
+#: Modules a row server imports once, before it forks a process per row (imports only: no torch
+#: op runs in the server, so each forked row starts its own OpenMP pool from a clean state).
+_WARM_IMPORTS = (
+    "transformers",
+    "transformers.models.llama.modeling_llama",
+    "attrctl.heads",
+    "attrctl.losses.chunked",
+    "attrctl.losses.eager",
+    "attrctl.models",
+    "attrctl.policy",
+    "attrctl.sampling",
+    "attrctl.train.weights",
+)
+
+
+def run_rows(specs: Sequence[TrainBenchSpec], isolate: bool = True) -> list[TrainRow]:
+    """Measure rows, each in a fresh process unless ``isolate`` is False.
+
+    A fresh interpreter per row would pay torch's and transformers' imports every time (seconds
+    each); instead one *row server* process (started with the same malloc settings as
+    :func:`attrctl.bench.run_row`) imports them once and forks a child per row, one at a time.
+    The server never runs a row, so no row sees memory or state another row left behind.
+    """
+    if not isolate:
+        return [measure(s) for s in specs]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": "0"}
+    code = "import sys; from attrctl.bench_train import _serve; _serve(sys.argv[1])"
+    # cwd outside the repo: a repo-root cwd would put a top-level `kernels` on sys.path
+    proc = subprocess.run(
+        [sys.executable, "-c", code, json.dumps([asdict(s) for s in specs])],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=Path.home() if Path.home().is_dir() else "/",
+        check=False,
+    )
+    rows = {}
+    for line in proc.stdout.splitlines():
+        if line.startswith("{"):
+            row = TrainRow(**json.loads(line))
+            rows[row.row] = row
+    if proc.returncode != 0 and not rows:
+        lines = (proc.stderr or proc.stdout).strip().splitlines()
+        why = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
+        return [TrainRow(s.row, error=f"failed: {why}") for s in specs]
+    return [rows.get(s.row) or TrainRow(s.row, error="failed: no result") for s in specs]
+
+
+def _serve(specs_json: str) -> None:
+    """The row server: warm imports, then one forked child per row; a JSON line per row."""
+    import importlib
+
+    for name in _WARM_IMPORTS:
+        importlib.import_module(name)
+    for data in json.loads(specs_json):
+        data["overrides"] = tuple(data.get("overrides", ()))
+        spec = TrainBenchSpec(**data)
+        r, w = os.pipe()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # the row's own process
+            os.close(r)
+            status = 0
+            try:
+                try:
+                    row = measure(spec)
+                except AttrctlError as err:
+                    row = TrainRow(spec.row, error=f"failed: {err}")
+                with os.fdopen(w, "w") as fh:
+                    fh.write(json.dumps(asdict(row)))
+            except BaseException:
+                import traceback
+
+                traceback.print_exc()
+                status = 1
+            finally:
+                sys.stderr.flush()
+                os._exit(status)
+        os.close(w)
+        with os.fdopen(r) as fh:
+            text = fh.read()
+        _, status = os.waitpid(pid, 0)
+        if not text:
+            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
+            why = f"killed by signal {sig} (out of memory?)" if sig else "crashed (see stderr)"
+            text = json.dumps(asdict(TrainRow(spec.row, error=f"failed: row process {why}")))
+        print(text, flush=True)
+
+
+# --------------------------------------------------------------------------- the benchmark
+
+
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
+def run_train_benchmark(
+    policy: str = "toxicity",
+    *,
+    model: str | None = None,
+    overrides: Sequence[str] = (),
+    steps: int = 5,
+    warmup: int = 2,
+    rows: Sequence[str] = ROWS,
+    sample_batch: int | None = None,
+    isolate: bool = True,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run the rows (each in a fresh process) and return the result: the required keys at the
+    top level, then ``rows``, ``setup`` and ``env``."""
+    bad = [r for r in rows if r not in ROWS]
+    if bad:
+        raise AttrctlError(f"unknown row(s) {bad}: choose from {', '.join(ROWS)}")
+    if steps < 1 or warmup < 0:
+        raise AttrctlError(f"steps must be ≥ 1 and warmup ≥ 0; got {steps}, {warmup}")
+    from attrctl.policy import load_policy
+
+    # fail fast, in this process, on a bad policy or override (workers would each repeat it)
+    load_policy(policy, [*overrides, *([f"model={model}"] if model else [])])
+    if progress:
+        progress(f"rows {', '.join(rows)}, each in a fresh process …")
+    specs = [
+        TrainBenchSpec(name, policy, model, tuple(overrides), steps, warmup, sample_batch)
+        for name in rows
+    ]
+    measured = {r.row: r for r in run_rows(specs, isolate)}
+    env = environment(next((r.setup["device"] for r in measured.values() if r.setup), "cpu"))
+    sft, fused, reg = (measured.get(k, TrainRow(k)) for k in STEP_ROWS)
+    out: dict[str, Any] = {
+        "sft_step_s": sft.median_s,
+        "sft_fused_step_s": fused.median_s,
+        "reg_step_s": reg.median_s,
+        "sft_peak_mb": sft.peak_mb,
+        "sft_fused_peak_mb": fused.peak_mb,
+        "reg_peak_mb": reg.peak_mb,
+        "reg_over_sft_time": _ratio(reg.median_s, sft.median_s),
+        "reg_over_sft_mem": _ratio(reg.peak_mb, sft.peak_mb),
+        "fused_over_sft_time": _ratio(fused.median_s, sft.median_s),
+        "fused_over_sft_mem": _ratio(fused.peak_mb, sft.peak_mb),
+        "sampler_tokens_per_s": measured.get("sampler", TrainRow("")).tokens_per_s,
+        "head_fit_tokens_per_s": measured.get("head_fit", TrainRow("")).tokens_per_s,
+    }
+    out["bar"] = _verdict(out)
+    out["memory_method"] = next((r.memory_method for r in measured.values() if r.memory_method), "")
+    out["setup"] = next((r.setup for r in measured.values() if r.setup), {})
+    out["rows"] = [asdict(r) for r in measured.values()]
+    out["env"] = env
+    return out
+
+
+def _verdict(out: dict[str, Any]) -> dict[str, Any]:
+    t, m = out["reg_over_sft_time"], out["reg_over_sft_mem"]
+    if t is None or m is None:
+        return {"met": None, "stretch": None}
+    return {
+        "time": BAR["time"], "mem": BAR["mem"],
+        "met": t <= BAR["time"] and m <= BAR["mem"],
+        "stretch": t <= STRETCH["time"] and m <= STRETCH["mem"],
+    }  # fmt: skip
+
+
+def format_train_table(result: dict[str, Any]) -> str:
+    """The result as Markdown: the three steps side by side, ratios, throughputs, setup, env."""
+
+    def f(x, fmt):
+        return "—" if x is None else format(x, fmt)
+
+    rows = {r["row"]: r for r in result["rows"]}
+
+    def cell(name, key, fmt):
+        r = rows.get(name)
+        if r is None:
+            return "—"
+        if r.get("error"):
+            return r["error"]
+        if key == "time":
+            return f"{f(r['median_s'], '.3f')} ({f(r['min_s'], '.3f')}–{f(r['max_s'], '.3f')})"
+        return f(r.get(key), fmt)
+
+    lines = [
+        "| | plain SFT (transformers `labels=`) | fused CE, λ = 0 | regularized | fused / SFT "
+        "| regularized / SFT |",
+        "|---|---|---|---|---|---|",
+        f"| step s, median (min–max) | {cell('sft', 'time', '')} | {cell('sft_fused', 'time', '')}"
+        f" | {cell('reg', 'time', '')} | {f(result['fused_over_sft_time'], '.3f')} "
+        f"| **{f(result['reg_over_sft_time'], '.3f')}** |",
+        f"| peak MiB above baseline | {cell('sft', 'peak_mb', '.0f')} "
+        f"| {cell('sft_fused', 'peak_mb', '.0f')} | {cell('reg', 'peak_mb', '.0f')} "
+        f"| {f(result['fused_over_sft_mem'], '.3f')} | **{f(result['reg_over_sft_mem'], '.3f')}** |",
+        f"| baseline RSS MiB (model + optimizer) | {cell('sft', 'base_mb', '.0f')} "
+        f"| {cell('sft_fused', 'base_mb', '.0f')} | {cell('reg', 'base_mb', '.0f')} | | |",
+        f"| tokens/s | {cell('sft', 'tokens_per_s', '.0f')} "
+        f"| {cell('sft_fused', 'tokens_per_s', '.0f')} | {cell('reg', 'tokens_per_s', '.0f')} | | |",
+    ]
+    s, bar = result.get("setup", {}), result.get("bar", {})
+    verdict = (
+        "—" if bar.get("met") is None
+        else ("met" if bar["met"] else "NOT met") + (", stretch met" if bar["stretch"] else "")
+    )  # fmt: skip
+    sampler, fit = rows.get("sampler", {}), rows.get("head_fit", {})
+    lines += [
+        "",
+        f"bar (regularized ≤ {BAR['time']}× time, ≤ {BAR['mem']}× memory of plain SFT): "
+        f"{verdict}; stretch ≤ {STRETCH['time']}× time, ≤ {STRETCH['mem']}× memory",
+        f"sampler: {f(result['sampler_tokens_per_s'], '.0f')} generated tokens/s "
+        f"(batch {sampler.get('setup', {}).get('sample_batch', '—')}, "
+        f"{sampler.get('setup', {}).get('max_new_tokens', '—')} new tokens)"
+        + (f" {sampler['error']}" if sampler.get("error") else ""),
+        f"head fit: {f(result['head_fit_tokens_per_s'], '.0f')} tokens/s "
+        f"(step {f(fit.get('median_s'), '.3f')} s on {fit.get('tokens', '—')} continuation tokens)"
+        + (f" {fit['error']}" if fit.get("error") else ""),
+        f"setup: {s.get('model')} · batch {s.get('batch_size')} × {s.get('seq_len')} · "
+        f"{s.get('method')} (top {s.get('top_layers')}) · {s.get('trainable_params')} trainable "
+        f"params · loss {s.get('loss_impl')} · heads {s.get('heads')} · λ {s.get('lam_by_domain')}"
+        + (f" · {s['note']}" if s.get("note") else ""),
+        f"memory: {result.get('memory_method')}",
+    ]
+    env = result.get("env", {})
+    lines.append(
+        f"env: {env.get('device_name')} · {s.get('threads')} threads · torch {env.get('torch')} · "
+        f"git {env.get('git_commit')} · {env.get('time')}"
+    )
+    return "\n".join(lines)
