@@ -20,7 +20,7 @@ def train(*args: Any, **kwargs: Any):
     return _train(*args, **kwargs)
 
 
-def RichProgress(*args: Any, **kwargs: Any):  # noqa: N802 - a class, imported lazily
+def RichProgress(*args: Any, **kwargs: Any):
     from attrctl.train.progress import RichProgress as _RichProgress
 
     return _RichProgress(*args, **kwargs)
@@ -43,7 +43,9 @@ def summary_lines(result: Any) -> list[str]:
     if before and after:
         for name, b in before["violation_rate"].items():
             a = after["violation_rate"][name]
-            lines.append(f"violation rate  {name}: {b:.3f} → {a:.3f} (oracle, samples S_0 → S_final)")
+            lines.append(
+                f"violation rate  {name}: {b:.3f} → {a:.3f} (oracle, samples S_0 → S_final)"
+            )
         if "judge_violation_rate" in before and "judge_violation_rate" in after:
             lines.append(
                 f"                judge (jigsaw_bilstm): {before['judge_violation_rate']:.3f} → "

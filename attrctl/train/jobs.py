@@ -26,7 +26,13 @@ from attrctl.paths import atomic_write
 from attrctl.sampling import row_seed, sample_continuations
 from attrctl.train import distributed as dist
 from attrctl.train.context import TrainContext
-from attrctl.train.weights import head_taps, load_heads, load_trainable, save_heads, select_trainable
+from attrctl.train.weights import (
+    head_taps,
+    load_heads,
+    load_trainable,
+    save_heads,
+    select_trainable,
+)
 
 SAMPLE_BATCH = 64  # continuations sampled together (rows are seeded one by one: any batch works)
 TEMPERATURE, TOP_P = 1.0, 1.0  # regularizer samples come from the model's own distribution
@@ -114,7 +120,9 @@ def _sample_rows(ctx: TrainContext, i: int, items) -> list[dict]:
     rows = []
     for b in range(0, len(mine), SAMPLE_BATCH):
         batch = mine[b : b + SAMPLE_BATCH]
-        seeds = [row_seed(ctx.policy.seed, it.prompt_set, it.prompt_index, it.sample) for it in batch]
+        seeds = [
+            row_seed(ctx.policy.seed, it.prompt_set, it.prompt_index, it.sample) for it in batch
+        ]
         toks = sample_continuations(
             model, tok, [it.prompt for it in batch], seeds,
             max_new_tokens=ctx.policy.regularizer.max_new_tokens,
@@ -131,7 +139,9 @@ def _sample_rows(ctx: TrainContext, i: int, items) -> list[dict]:
         bar.update(len(batch) * ctx.world)
     bar.close()
     rows = dist.gather_rows(ctx, rows)
-    order = {(Path(it.prompt_set).name, it.prompt_index, it.sample): n for n, it in enumerate(items)}
+    order = {
+        (Path(it.prompt_set).name, it.prompt_index, it.sample): n for n, it in enumerate(items)
+    }
     return sorted(rows, key=lambda r: order[(r["prompt_set"], r["prompt_index"], r["sample"])])
 
 
@@ -184,36 +194,34 @@ def _encode(tok, rows: list[dict]) -> list[tuple[list[int], int]]:
     return out
 
 
-def _features(ctx, model, taps, encoded, bs):
-    """Frozen features of every sample set sequence, once per set (DESIGN.md §1: fitting reads the
-    same detached states the fine-tune feeds the heads). Returns per mini-batch the LM's final
-    states at the rows that predict a continuation token, the taps over the whole (right-padded)
-    sequences, the next tokens and row bookkeeping."""
-    batches = []
-    pad = 0
-    for b in range(0, len(encoded), bs):
-        chunk = encoded[b : b + bs]
+def _features(model, taps, encoded, batches: list[list[int]]) -> list[dict]:
+    """Frozen features of sample sequences, computed once per sample set (the fit reads the same
+    detached states the fine-tune feeds the heads). Per mini-batch (a list of sequence indices):
+    the LM's final states at the rows that predict a continuation token, the taps over the whole
+    right-padded sequences, the next tokens, and row bookkeeping."""
+    out = []
+    dev = next(model.parameters()).device
+    for index in batches:
+        chunk = [encoded[j] for j in index]
         t = max(len(ids) for ids, _ in chunk)
-        ids = torch.full((len(chunk), t), pad, dtype=torch.long)
+        ids = torch.zeros(len(chunk), t, dtype=torch.long)  # right padding: causal rows unaffected
         attn = torch.zeros(len(chunk), t, dtype=torch.long)
         rows = torch.zeros(len(chunk), t, dtype=torch.bool)  # row (b, t) predicts ids[b, t+1]
         for j, (seq, plen) in enumerate(chunk):
             ids[j, : len(seq)] = torch.tensor(seq)
             attn[j, : len(seq)] = 1
             rows[j, max(plen - 1, 0) : len(seq) - 1] = True
-        dev = next(model.parameters()).device
         with torch.no_grad():
             hidden, tapped = forward_with_tap(model, taps, ids.to(dev), attn.to(dev))
         nxt = torch.cat([ids[:, 1:], ids.new_zeros(len(chunk), 1)], 1)  # [b, T]
         first = rows & ~torch.cat([rows.new_zeros(len(chunk), 1), rows[:, :-1]], 1)
-        batches.append({
+        out.append({
             "hidden": hidden[rows.to(dev)].float().cpu(),  # [n, H]
             "taps": {k: v.float().cpu() for k, v in tapped.items()},  # [b, T, H]
             "rows": rows, "tokens": nxt[rows], "pair": ~first[rows],
-            "index": list(range(b, b + len(chunk))),
-            "last": _last_rows(rows),
+            "index": list(index), "last": _last_rows(rows),
         })  # fmt: skip
-    return batches
+    return out
 
 
 def _last_rows(rows: torch.Tensor) -> torch.Tensor:
@@ -251,17 +259,24 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     random.Random(f"fit/{ctx.policy.seed}/{i}").shuffle(order)
     n_held = max(1, len(rows) // 10) if len(rows) >= 10 else 0
     held, train = order[:n_held], order[n_held:]
-    train = train[ctx.rank :: ctx.world]  # samples are sharded across ranks (DDP averages)
     labels = np.stack([a.labels(np.array([r["scores"][a.name] for r in rows]))
                        for a in ctx.compiled.attributes])  # [K, S]  # fmt: skip
     encoded = _encode(tok, rows)
+    # Global batches of `batch_size` sequences; under torchrun each rank takes every world-th
+    # sequence of each (a multiple of world sequences, so every rank takes part in every step)
+    # and divides its row sum by the global batch's rows: DDP's average over ranks is then
+    # exactly the single-process mean.
+    if ctx.world > 1:
+        train = train[: len(train) - len(train) % ctx.world]
     bs = reg.batch_size
-    feats = _features(ctx, model, taps, [encoded[j] for j in train], bs)
-    held_feats = _features(ctx, model, taps, [encoded[j] for j in held], bs) if held else []
-    for fb in feats:
-        fb["index"] = [train[j] for j in fb["index"]]
-    for fb in held_feats:
-        fb["index"] = [held[j] for j in fb["index"]]
+    global_batches = [train[b : b + bs] for b in range(0, len(train), bs)]
+    n_rows = [len(ids) - max(plen, 1) for ids, plen in encoded]
+    feats = _features(model, taps, encoded, [g[ctx.rank :: ctx.world] for g in global_batches])
+    for fb, g in zip(feats, global_batches, strict=True):
+        fb["scale"] = ctx.world / max(sum(n_rows[j] for j in g), 1)
+    held_feats = _features(
+        model, taps, encoded, [held[b : b + bs] for b in range(0, len(held), bs)]
+    )
 
     fit_model = dist.wrap(ctx, _HeadFeatures(heads))
     opt = ctx.compiled.head_optimizer([p for p in heads.parameters() if p.requires_grad])
@@ -269,7 +284,7 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     bar = ctx.bar(f"fit R_{i}", reg.epochs * len(feats), "batch")
     rng = random.Random(f"fit-order/{ctx.policy.seed}/{i}")
     history = []
-    for epoch in range(reg.epochs):
+    for _ in range(reg.epochs):
         perm = list(range(len(feats)))
         rng.shuffle(perm)
         total, count = 0.0, 0
@@ -282,7 +297,7 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
             opt.step()
             total, count = total + loss.item(), count + 1
             bar.update(1, loss=f"{total / count:.4f}")
-        history.append(total / max(count, 1))
+        history.append(dist.all_reduce_mean(ctx, total / max(count, 1)))
     bar.close()
     heads.eval()
     metrics = _held_out_metrics(heads, held_feats, labels, lm_weight, ctx)
@@ -315,9 +330,9 @@ def _head_loss(fit_model, heads, fb, y, lm_weight, mu, impl):
         per_row_y = y[k].unsqueeze(1).expand_as(n_rows)[n_rows]  # [n]
         out = head_fit_loss(
             fb["hidden"], lm_weight, states, head.weight, head.bias, fb["tokens"], per_row_y,
-            mu=mu, pair_mask=fb["pair"], impl=impl,
+            mu=mu, pair_mask=fb["pair"], impl=impl, reduction="sum",
         )  # fmt: skip
-        total = total + out.loss
+        total = total + out.loss * fb["scale"]
     return total
 
 

@@ -118,7 +118,9 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             for head in heads:
                 with torch.no_grad():
                     feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
-                reg_heads.append(RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias))
+                reg_heads.append(
+                    RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias)
+                )
             lam = lam_of_domain[dom].to(device)  # [N] λ_t = λ of the token's domain
             out = regularized_lm_loss(
                 h, lm_weight, labels, reg_heads, lam=lam, attr_weights=attr_weights,
@@ -135,7 +137,9 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             tok_dom.index_add_(0, dom[valid.cpu()], torch.ones(n_valid, dtype=torch.float64))
             for k, rh in enumerate(reg_heads):
                 y = labels[valid]
-                a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[y]  # head logit, token taken
+                a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[
+                    y
+                ]  # head logit, token taken
                 sums["head"][k] += float(torch.sigmoid(a).mean()) / ft.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
         opt.step()

@@ -29,7 +29,7 @@ from attrctl.policy.compile import CompiledPolicy, compile_policy
 from attrctl.policy.schema import Policy
 from attrctl.policy.show import resolved_dict
 from attrctl.train import distributed as dist
-from attrctl.train.context import StatusFileProgress, TrainContext
+from attrctl.train.context import TrainContext
 from attrctl.train.jobs import fit_job, sample_job
 from attrctl.train.lambdas import auto_lambdas
 from attrctl.train.loop import finetune_job
@@ -86,6 +86,7 @@ def train(
                        progress=progress)  # fmt: skip
     try:
         _prepare_data(ctx)
+        ctx.mixture()  # every data source loads (or fails, naming it) before any job starts
         ctx.compiled = _resolve_lambdas(ctx)
         if policy.schedule.mode == "parallel" and world == 1:
             _parallel(ctx)

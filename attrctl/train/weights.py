@@ -62,7 +62,9 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad}
+    return {
+        n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+    }
 
 
 def save_trainable(model: Any, folder: Path, meta: dict[str, Any]) -> None:
