@@ -32,15 +32,11 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-# The embedded default, end to end as far as it is built: the bundled model (dequantised once),
-# the toxic-domain data sampled from it and labelled by the oracle, and the training mixture.
-# (`attrctl train --policy toxicity` joins this target when the training loop lands.)
+# The embedded default, end to end: the bundled SmolLM2 (dequantised once), toxic-domain data
+# sampled from it and labelled by the oracle, then `attrctl train` (sample → fit heads →
+# regularized fine-tune, 2 iterations) into runs/toxicity. Rerunning continues a stopped run.
 demo: setup
-	$(VENV)/bin/attrctl policy show toxicity > /dev/null
-	$(VENV)/bin/attrctl models info bundled:smollm2-135m-instruct
-	$(VENV)/bin/attrctl oracle score --oracle jigsaw_bilstm "You are a stupid idiot." "Thanks for the help!"
-	$(VENV)/bin/attrctl data synth --policy toxicity
-	$(VENV)/bin/attrctl data preview --policy toxicity
+	$(VENV)/bin/attrctl train --policy toxicity
 
 bench: setup
 	$(VENV)/bin/attrctl bench loss

@@ -165,8 +165,6 @@ def _accepts(model: Any, name: str) -> bool:
         return False
 
 
-
-
 def _new_cache(model: Any):
     """An empty transformers ``DynamicCache`` (the current cache API: passing legacy tuples, or
     nothing and reusing ``out.past_key_values``, warns on every batch in recent releases)."""

@@ -8,19 +8,18 @@ import typer
 
 HELP = """Fine-tune the policy's model on its data mixture under the policy's attributes.
 
-Each iteration samples continuations of the regularizer prompts from the current model and labels
-them with the oracles, fits one NADO head per attribute on them, then fine-tunes with
-CE + λ_d·KL(q‖p). Everything lands in the run directory (default runs/<policy name>): the resolved
-policy, checkpoints, samples, heads, metrics.jsonl, plots/training.png and the final model as a
-transformers folder (model/final).
+Each iteration samples continuations of the regularizer prompts from the current model and labels them with the oracles, fits one NADO head per attribute on them, then fine-tunes with CE + λ_d·KL(q‖p).
+
+Everything lands in the run directory (default runs/<policy name>): the resolved policy, checkpoints, samples, heads, metrics.jsonl, plots/training.png and the final model as a transformers folder (model/final).
 
 \b
-Resume an interrupted run (any moment, even after SIGKILL):
+Resume an interrupted run (at any moment, even after SIGKILL):
     attrctl train --resume runs/toxicity
 Per-role device and threads:
-    attrctl train -p toxicity --set schedule.roles.finetune.device=cuda --set schedule.roles.sample.threads=1
-Parallel schedule (the three jobs of an iteration as separate processes):
-    attrctl train -p toxicity --set schedule.mode=parallel --set schedule.iterations=3
+    attrctl train -p toxicity --set schedule.roles.finetune.device=cuda
+    attrctl train -p toxicity --set schedule.roles.sample.threads=1
+Parallel schedule (an iteration's three jobs as separate processes):
+    attrctl train -p toxicity --set schedule.mode=parallel
 Several processes with DistributedDataParallel (gloo on CPU, nccl on CUDA):
     torchrun --nproc-per-node 2 -m attrctl.cli train -p toxicity
 """
@@ -38,7 +37,8 @@ def train(
     from rich.console import Console
 
     from attrctl.policy import load_policy
-    from attrctl.train import RichProgress, summary_lines, train as run_train
+    from attrctl.train import RichProgress, summary_lines
+    from attrctl.train import train as run_train
 
     if resume is not None:
         pol = load_policy(resume / "policy.yaml", overrides)

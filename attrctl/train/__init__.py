@@ -53,9 +53,10 @@ def summary_lines(result: Any) -> list[str]:
             )
     for f in s["fits"]:
         for name, m in f.get("heads", {}).items():
+            auc = "n/a (one class)" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"  # NaN
             lines.append(
-                f"head R_{f['iteration']} {name:<8} held-out AUC {m['auc']:.3f}, accuracy "
-                f"{m['accuracy']:.3f}, BCE {m['bce']:.3f}"
+                f"head R_{f['iteration']} {name:<8} held-out AUC {auc}, accuracy "
+                f"{m['accuracy']:.3f}, BCE {m['bce']:.3f} ({m['held_out']} sequences)"
             )
     for t in s["finetunes"]:
         lines.append(

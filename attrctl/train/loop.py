@@ -132,7 +132,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             n_valid = max(int(valid.sum()), 1)
             sums["ce"] += float(out.ce.sum()) / n_valid / ft.grad_accum
             sums["kl"] += float(out.kl.sum()) / n_valid / ft.grad_accum
-            sums["loss"] += float(out.loss) / ft.grad_accum
+            sums["loss"] += out.loss.item() / ft.grad_accum
             kl_dom.index_add_(0, dom[valid.cpu()], (lam * out.kl)[valid].double().cpu())
             tok_dom.index_add_(0, dom[valid.cpu()], torch.ones(n_valid, dtype=torch.float64))
             for k, rh in enumerate(reg_heads):

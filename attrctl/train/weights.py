@@ -8,6 +8,7 @@ base model plus those tensors, which reproduces the trained model bit for bit.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -41,7 +42,9 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(compiled.policy.seed)  # adapter init is part of the seed
             try:
-                return get_peft_model(model, cfg)
+                with warnings.catch_warnings():  # peft calls a transformers API deprecated in 5.x
+                    warnings.simplefilter("ignore", FutureWarning)
+                    return get_peft_model(model, cfg)
             except ValueError as err:
                 raise AttrctlError(f"finetune.lora: {err}") from None
     for p in model.parameters():
