@@ -98,7 +98,10 @@ def forward_with_tap(
 
         hooks.append(module.register_forward_hook(hook))
     try:
-        hidden = dec(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        # use_cache=False: no KV cache is built for a training or feature pass
+        hidden = dec(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        ).last_hidden_state
     finally:
         for h in hooks:
             h.remove()

@@ -505,7 +505,6 @@ def test_heads_of_another_spec_are_refused_naming_the_file(tmp_path, tiny):
         load_heads(src, tiny.model, folder)
 
 
-@pytest.mark.xfail(strict=True, reason="load_heads ignores heads in the file beyond the policy's")
 def test_heads_file_with_more_heads_than_the_policy_is_refused(tmp_path, tiny):
     two = _compiled(tmp_path / "two", "{kind: linear, rank: 8}", names=("toxicity", "insult"))
     one = _compiled(tmp_path / "one", "{kind: linear, rank: 8}")

@@ -239,7 +239,8 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
         model, _ = load_theta(ctx, 0, "fit")
         heads = load_heads(ctx.compiled, model, None)
         if ctx.writer:
-            meta = {"iteration": i, "fitted": False, "samples": None}
+            meta = {"iteration": i, "fitted": False, "samples": None,
+                    "attributes": [a.name for a in ctx.compiled.attributes]}  # fmt: skip
             save_heads(heads, ctx.run.heads(i), meta)
         return {"iteration": i, "fitted": False, "seconds": round(time.perf_counter() - start, 3)}
 
@@ -302,6 +303,7 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     heads.eval()
     metrics = _held_out_metrics(heads, held_feats, labels, lm_weight, ctx)
     record = {"iteration": i, "fitted": True, "samples": sample_index, "epochs": reg.epochs,
+              "attributes": [a.name for a in ctx.compiled.attributes],
               "train_loss": history, **metrics,
               "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     if ctx.writer:

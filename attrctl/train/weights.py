@@ -115,6 +115,8 @@ def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 # ------------------------------------------------------------------------------ heads
 def save_heads(heads: torch.nn.ModuleList, folder: Path, meta: dict[str, Any]) -> None:
+    """Publish heads (one safetensors, keys ``<k>.<param>``) and their meta JSON, which should
+    name the attributes in order (``attributes``) so a reordered policy cannot load them swapped."""
     state = {f"{i}.{k}": v.detach().clone().contiguous() for i, h in enumerate(heads)
              for k, v in h.state_dict().items()}  # fmt: skip
     with atomic_dir(folder) as tmp:
@@ -129,6 +131,19 @@ def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> tor
         heads = compiled.build_heads(model)
     if folder is not None:
         tensors = read_safetensors(folder / "heads.safetensors", "head weights")
+        held = {k.split(".", 1)[0] for k in tensors}
+        if held != {str(i) for i in range(len(heads))}:
+            raise AttrctlError(
+                f"{folder / 'heads.safetensors'}: holds {len(held)} heads but the policy has "
+                f"{len(heads)} attributes"
+            )
+        meta_path = folder / "heads.json"
+        names = [a.name for a in compiled.attributes]
+        saved = json.loads(meta_path.read_text()).get("attributes") if meta_path.exists() else None
+        if saved is not None and saved != names:
+            raise AttrctlError(
+                f"{meta_path}: heads of attributes {saved}, but the policy's are {names}"
+            )
         for i, head in enumerate(heads):
             sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)}
             try:
