@@ -91,6 +91,9 @@ def train(
         if policy.schedule.mode == "parallel" and world == 1:
             _parallel(ctx)
         else:
+            if policy.schedule.mode == "parallel" and ctx.writer:
+                print("attrctl train: under torchrun the parallel schedule runs its jobs one "
+                      "after another (each job already uses every rank)", file=sys.stderr)  # fmt: skip
             _sequential(ctx)
         _run(ctx, "sample", policy.schedule.iterations)  # S_I from the final model
         if ctx.writer and not (root / "model" / "final").exists():
