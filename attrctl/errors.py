@@ -32,3 +32,9 @@ class PolicyError(AttrctlError):
 
 class AssetError(AttrctlError):
     """A bundled asset (model, classifier, corpus) is missing; the message says what to install."""
+
+
+class Interrupted(AttrctlError):
+    """A long job was stopped by SIGINT/SIGTERM after saving what it had (exit code 130)."""
+
+    exit_code = 130

@@ -156,7 +156,7 @@ def test_parallel_matches_sequential_within_tolerance(reference_run, tmp_path):
     assert abs(final_ce(tmp_path / "run") - final_ce(run)) < 0.02
 
 
-def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
+def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300, sig=signal.SIGKILL) -> None:
     t0 = time.time()
     while not ready():
         if proc.poll() is not None:
@@ -165,24 +165,32 @@ def _kill_when(proc: subprocess.Popen, ready, timeout: float = 300) -> None:
             proc.kill()
             raise AssertionError("kill point not reached")
         time.sleep(0.05)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
+    os.kill(proc.pid, sig)
+    proc.wait(timeout=120)
 
 
 @pytest.mark.ci
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["fine-tune checkpoint", "fitting"])
+@pytest.mark.parametrize("moment", ["fine-tune checkpoint", "fitting", "SIGTERM mid fine-tune"])
 def test_sigkill_and_resume_is_bitwise_identical(reference_run, tmp_path, moment):
     ref, _ = reference_run
-    policy = write_policy(tmp_path)
+    # checkpoints do not change the computation: with none on schedule, SIGTERM's is the only one
+    extra = {"finetune__checkpoint_every": 100} if moment.startswith("SIGTERM") else {}
+    policy = write_policy(tmp_path, **extra)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "attrctl.cli", "train", "-p", str(policy), "--out", str(out), "-q"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stderr=subprocess.DEVNULL)
     if moment == "fine-tune checkpoint":  # mid fine-tune of iteration 2, after a checkpoint
         _kill_when(proc, lambda: (out / "checkpoints" / "finetune_2" / "state.json").exists())
-    else:  # as soon as iteration 2's fitting starts (S_1 published, R_2 not yet)
+        assert (out / "lock").exists()  # the killed process never released it
+    elif moment == "fitting":  # as soon as iteration 2's fitting starts (S_1 published)
         _kill_when(proc, lambda: '"sample/1"' in _read(out / "state.json"))
-    assert (out / "lock").exists()  # the killed process never released it
+    else:  # SIGTERM after step 3 of θ_1: the step finishes, a checkpoint is saved, exit 130
+        _kill_when(proc, lambda: '"step": 3' in _read(out / "metrics.jsonl"), sig=signal.SIGTERM)
+        assert proc.returncode == 130
+        state = json.loads((out / "checkpoints" / "finetune_1" / "state.json").read_text())
+        assert 3 <= state["step"] < 6
+        assert not (out / "lock").exists()
     attrctl("train", "--resume", out, "-q", cwd=tmp_path)
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()

@@ -104,3 +104,35 @@ class _StatusBar:
                 {"job": self.job, "done": self.done, "total": self.total, "unit": self.unit,
                  "info": self.info, "pid": os.getpid()}, fh,
             )  # fmt: skip
+
+
+class StopRequest:
+    """SIGINT/SIGTERM during ``train``: the fine-tune loop finishes its step, saves a checkpoint and
+    stops (``Interrupted``); elsewhere (sampling, fitting, which redo cleanly on resume) the signal
+    interrupts at once. Installed by :func:`attrctl.train.schedules.train` in the main thread."""
+
+    requested = False
+    in_loop = False
+
+    @classmethod
+    def install(cls):
+        import signal
+        import threading
+
+        if threading.current_thread() is not threading.main_thread():
+            return None
+        cls.requested = False
+
+        def handler(signum, _frame):
+            cls.requested = True
+            if not cls.in_loop:
+                raise KeyboardInterrupt(signal.Signals(signum).name)
+
+        return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+
+    @staticmethod
+    def restore(previous) -> None:
+        import signal
+
+        for s, h in (previous or {}).items():
+            signal.signal(s, h)

@@ -25,12 +25,12 @@ from typing import Any
 
 import torch
 
-from attrctl.errors import AttrctlError
+from attrctl.errors import AttrctlError, Interrupted
 from attrctl.heads import forward_with_tap
 from attrctl.losses import RegHead, regularized_lm_loss
 from attrctl.paths import atomic_dir
 from attrctl.train import distributed as dist
-from attrctl.train.context import TrainContext
+from attrctl.train.context import StopRequest, TrainContext
 from attrctl.train.weights import (
     TRAINABLE,
     head_taps,
@@ -102,6 +102,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     bar.update(step)
     start = time.perf_counter()
     history: list[dict] = []
+    StopRequest.in_loop = True  # SIGINT/SIGTERM now: finish the step, checkpoint, stop
     while step < ft.steps:
         t0 = time.perf_counter()
         sums: dict[str, Any] = {"ce": 0.0, "kl": 0.0, "loss": 0.0, "head": [0.0] * len(heads)}
@@ -160,8 +161,17 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
         ctx.log(record)
         history.append(record)
         bar.update(1, ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.4f}")
+        if StopRequest.requested and step < ft.steps:
+            StopRequest.in_loop = False
+            _checkpoint(ctx, i, model, opt, step)
+            bar.close()
+            raise Interrupted(
+                f"stopped at step {step}/{ft.steps} of θ_{i}; checkpoint saved in "
+                f"{run.checkpoint(i)}. Continue with: attrctl train --resume {run.root}"
+            )
         if step % ft.checkpoint_every == 0 and step < ft.steps:
             _checkpoint(ctx, i, model, opt, step)
+    StopRequest.in_loop = False
     bar.close()
 
     meta = {"iteration": i, "heads": head_index if has_heads else 0, "steps": ft.steps}

@@ -20,13 +20,14 @@ def main(argv: list[str]) -> int:
     from attrctl.errors import AttrctlError
     from attrctl.paths import atomic_write
     from attrctl.policy import compile_policy, load_policy
-    from attrctl.train.context import StatusFileProgress, TrainContext
+    from attrctl.train.context import StatusFileProgress, StopRequest, TrainContext
     from attrctl.train.rundir import RunDir
     from attrctl.train.schedules import run_job
 
     root, role, idx = Path(argv[0]), argv[1], int(argv[2])
     arg = int(argv[3]) if len(argv) > 3 and argv[3] != "" else None
     folder = root / ".roles"
+    StopRequest.install()  # SIGTERM from the parent: a fine-tune checkpoints before it stops
     try:
         policy = load_policy(root / "policy.yaml")
         settings = policy.schedule.role(role)
@@ -48,7 +49,10 @@ def main(argv: list[str]) -> int:
             json.dump(res, fh)
     except AttrctlError as err:
         print(f"error: {err}", file=sys.stderr)
-        return 2
+        return err.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

@@ -24,12 +24,12 @@ from typing import Any
 
 import yaml
 
-from attrctl.errors import AttrctlError
+from attrctl.errors import AttrctlError, Interrupted
 from attrctl.policy.compile import CompiledPolicy, compile_policy
 from attrctl.policy.schema import Policy
 from attrctl.policy.show import resolved_dict
 from attrctl.train import distributed as dist
-from attrctl.train.context import TrainContext
+from attrctl.train.context import StopRequest, TrainContext
 from attrctl.train.jobs import fit_job, sample_job
 from attrctl.train.lambdas import auto_lambdas
 from attrctl.train.loop import finetune_job
@@ -84,6 +84,7 @@ def train(
         )
     ctx = TrainContext(compiled=compile_policy(policy), run=run, rank=rank, world=world,
                        progress=progress)  # fmt: skip
+    handlers = StopRequest.install()
     try:
         _prepare_data(ctx)
         ctx.mixture()  # every data source loads (or fails, naming it) before any job starts
@@ -104,7 +105,14 @@ def train(
             from attrctl.train.report import plot_run
 
             plot_run(run)
+    except KeyboardInterrupt as err:  # SIGINT/SIGTERM outside the fine-tune loop
+        raise Interrupted(
+            f"stopped ({err or 'SIGINT'}); finished jobs are kept. Continue with: attrctl train "
+            f"--resume {root}"
+        ) from None
     finally:
+        StopRequest.in_loop = False
+        StopRequest.restore(handlers)
         if ctx.writer:
             run.release()
     return TrainResult(run_dir=root, state=run.state(), seconds=time.perf_counter() - start)
@@ -241,11 +249,19 @@ def run_roles(ctx: TrainContext, jobs: list[tuple[str, int, int | None]]) -> lis
                "" if arg is None else str(arg)]  # fmt: skip
         log = (folder / f"{name}.log").open("w")
         procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
-    if ctx.progress is not None:
-        ctx.progress.watch_roles(folder, [n for n, _ in procs], [p for _, p in procs])
+    try:
+        if ctx.progress is not None:
+            ctx.progress.watch_roles(folder, [n for n, _ in procs], [p for _, p in procs])
+        codes = [proc.wait() for _, proc in procs]
+    except BaseException:  # interrupted: stop the roles too (the fine-tune checkpoints first)
+        for _, proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        for _, proc in procs:
+            proc.wait()
+        raise
     results, failed = [], []
-    for name, proc in procs:
-        code = proc.wait()
+    for (name, _), code in zip(procs, codes, strict=True):
         out = folder / f"{name}.json"
         if code != 0 or not out.exists():
             tail = (folder / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
