@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from attrctl.cli import main
 
-from attrctl.bench import RowSpec, check_correctness, run_loss_benchmark
+from attrctl import bench
+from attrctl.bench import RowSpec, check_correctness, make_inputs, run_loss_benchmark
 from attrctl.errors import AttrctlError
 
 REQUIRED = {"impl", "mode", "H", "V", "N", "dtype", "median_ms", "peak_mb"}
@@ -29,11 +31,74 @@ def test_loss_benchmark_rows_and_ratios():
 
 
 def test_correctness_gate_rejects_unknown_and_checks_values():
-    assert check_correctness(RowSpec("chunked", "fwd_bwd", "t", 16, 300, 32)) < 1e-4
+    assert check_correctness(RowSpec("chunked", "fwd_bwd", "t", 16, 300, 32)) < 1e-5
     with pytest.raises(AttrctlError, match="unknown impl"):
         run_loss_benchmark(shapes=["16x300"], ns=[8], impls=["fast"])
     with pytest.raises(AttrctlError, match="unknown shape"):
         run_loss_benchmark(shapes=["gpt9"], ns=[8])
+
+
+def _wrong_kl_gradient(bug: str):
+    """A ``make_call`` whose chunked loss has the right value but a wrong KL gradient: without
+    the KL term (``no_kl``) or with its sign flipped (``kl_sign``)."""
+    real = bench.make_call
+
+    def make_call(impl):
+        if impl != "chunked":
+            return real(impl)
+
+        def call(inp):
+            full = real("chunked")(inp)
+            ce_only = real("chunked")({**inp, "lam": torch.zeros_like(inp["lam"])})
+            wrong = ce_only if bug == "no_kl" else 2 * ce_only - full  # ∇CE ∓ ∇(λ·KL)
+            return wrong + (full - wrong).detach()  # the value of `full`, the gradient of `wrong`
+
+        return call
+
+    return make_call
+
+
+def _grads(call, spec):
+    inp = make_inputs(spec)
+    inp["lam"] = torch.ones_like(inp["lam"])
+    for key in ("hidden", "lm_weight"):
+        inp[key].requires_grad_()
+    loss = call(inp)
+    loss.backward()
+    return loss.item(), [loss.detach(), inp["hidden"].grad, inp["lm_weight"].grad]
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("bug", ["no_kl", "kl_sign"])
+def test_correctness_gate_fails_a_wrong_kl_gradient(monkeypatch, dtype, bug):
+    spec = RowSpec("chunked", "fwd_bwd", "t", 16, 300, 64, dtype=dtype)
+    assert check_correctness(spec) < 1e-5  # the real chunked impl passes
+    broken = _wrong_kl_gradient(bug)
+    # the injected bug is real: the loss value is right, the gradients are not
+    loss, ref = _grads(bench.make_call("eager"), spec)
+    _, got = _grads(broken("chunked"), spec)
+    assert (got[0] - ref[0]).abs().item() < 1e-5 * loss
+    assert (got[1] - ref[1]).norm() > 0.05 * ref[1].norm()
+    monkeypatch.setattr(bench, "make_call", broken)
+    with pytest.raises(AttrctlError, match=r"grad hidden .*grad lm_weight"):
+        check_correctness(spec)
+
+
+@pytest.mark.slow
+def test_correctness_gate_fails_a_missing_kl_term_at_the_smollm2_shape(monkeypatch):
+    """The tightest case of CHECK_RTOL: bf16 at V = 49,152, where the KL term is ~1.3% of the
+    gradients (the gate is 0.5%)."""
+    spec = RowSpec("chunked", "fwd_bwd", "smollm2", 576, 49152, 64, dtype="bf16")
+    check_correctness(spec)
+    broken = _wrong_kl_gradient("no_kl")
+    # the previous gate, max |impl − eager| ≤ 1e-3·max(1, loss), let this bug through
+    loss, ref = _grads(bench.make_call("eager"), spec)
+    _, got = _grads(broken("chunked"), spec)
+    old_gate_err = max((g - r).abs().max().item() for g, r in zip(got, ref, strict=True))
+    assert old_gate_err <= 1e-3 * max(1.0, loss)
+    monkeypatch.setattr(bench, "make_call", broken)
+    with pytest.raises(AttrctlError, match="grad hidden"):
+        check_correctness(spec)
 
 
 def test_a_failing_row_is_reported_not_fatal():
