@@ -11,7 +11,8 @@ Per row chunk of C rows, torch matmuls build the chunk's LM logits [C, V] and he
 [K, C, V] in fp32 (bf16/fp16 inputs: ``torch.mm(..., out_dtype=float32)`` on CUDA builds that
 have it, which keeps tensor-core speed; otherwise the operands are upcast); then
 ``_fused_reg_lm_kernel`` (one program per row) sweeps the row twice: the online two-LSE pass of
-``_math`` gives CE and KL, and the gradient pass overwrites the logits chunk in place with its
+``_math`` gives CE and KL (in its anchored form, which does not cancel when log R is large and
+nearly constant), and the gradient pass overwrites the logits chunk in place with its
 gradient. Two more matmuls turn it into ∂L/∂h for the chunk and accumulate ∂L/∂W in an fp32
 buffer. The gradients are thus computed during the forward call; backward only multiplies them
 by grad_output (skipped when it is 1). fp32 logits are what makes this path as accurate as
@@ -78,7 +79,8 @@ def _fused_reg_lm_kernel(
     # pass 1: online two-LSE over the row (skipped on ignored rows)
     n_cols = tl.where(valid, V, 0)
     m_p = tl.full((), ninf, tl.float32)
-    c = tl.full((), ninf, tl.float32)
+    beta = tl.full((), ninf, tl.float32)  # q's anchor (see _math): none yet
+    rho = tl.zeros((), tl.float32)
     d_p = tl.zeros((), tl.float32)
     d_q = tl.zeros((), tl.float32)
     e_q = tl.zeros((), tl.float32)
@@ -87,18 +89,19 @@ def _fused_reg_lm_kernel(
         col_mask = offs < V
         lg = tl.load(l_row + offs, mask=col_mask, other=ninf).to(tl.float32)
         log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
-        m_p, d_p, _m_b, c, d_q, e_q = _two_lse_step(
-            lg, lg, log_r, m_p, d_p, m_p, c, d_q, e_q, False
+        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+            lg, lg, log_r, m_p, d_p, beta, rho, d_q, e_q, False, BLOCK_V
         )
 
     safe_label = tl.where(valid, label, 0)
     l_y = tl.load(l_row + safe_label, mask=valid, other=0.0).to(tl.float32)
     m_p = _safe(m_p)
+    beta = _safe(beta)
     log_dp = _safe_log(d_p)
     log_dq = _safe_log(d_q)
-    c_log_dq = _safe(c) + log_dq
     ce = (m_p - l_y) + log_dp  # LSE(ℓ) − ℓ_y without adding two large numbers
-    kl = e_q / tl.where(valid, d_q, 1.0) - c_log_dq + log_dp
+    # E_q[log R − ρ] − (LSE(ℓ + log R − ρ) − LSE(ℓ)): no term of the size of log R (see _math)
+    kl = e_q / tl.where(valid, d_q, 1.0) - (beta - m_p) - log_dq + log_dp
     tl.store(ce_ptr + row, tl.where(valid, ce, 0.0))
     tl.store(kl_ptr + row, tl.where(valid, kl, 0.0))
 
@@ -113,9 +116,8 @@ def _fused_reg_lm_kernel(
             read_mask = offs < n_read
             lg = tl.load(l_row + offs, mask=read_mask, other=ninf).to(tl.float32)
             log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
-            x = lg - m_p
-            p = tl.exp(x - log_dp)
-            q = tl.exp(x + log_r - c_log_dq)
+            p = tl.exp((lg - m_p) - log_dp)
+            q = tl.exp((lg - beta) + (log_r - rho) - log_dq)  # differences first, as in _math
             grad = (1.0 + lam) * p - lam * q - tl.where(offs == label, 1.0, 0.0)
             grad = tl.where(read_mask, s * grad, 0.0)
             tl.store(l_row + offs, grad.to(logits_ptr.dtype.element_ty), mask=col_mask)

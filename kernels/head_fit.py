@@ -69,7 +69,8 @@ def _head_fit_kernel(
 
     n_cols = tl.where(paired, V, 0)
     m_p = tl.full((), ninf, tl.float32)
-    c = tl.full((), ninf, tl.float32)
+    beta = tl.full((), ninf, tl.float32)  # anchor of π = softmax(ℓ + logσ r) (see _math)
+    rho = tl.zeros((), tl.float32)
     d_p = tl.zeros((), tl.float32)
     d_q = tl.zeros((), tl.float32)
     e_q = tl.zeros((), tl.float32)
@@ -79,13 +80,15 @@ def _head_fit_kernel(
         lg = tl.load(l_row + offs, mask=col_mask, other=ninf).to(tl.float32)
         r = tl.load(r_row + offs, mask=col_mask, other=0.0).to(tl.float32)
         log_r = _log_sigmoid(r)
-        m_p, d_p, _m_b, c, d_q, e_q = _two_lse_step(
-            lg, lg, log_r, m_p, d_p, m_p, c, d_q, e_q, False
+        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+            lg, lg, log_r, m_p, d_p, beta, rho, d_q, e_q, False, BLOCK_V
         )
     m_p = _safe(m_p)
+    beta = _safe(beta)
     log_dp = _safe_log(d_p)
-    c_log_dq = _safe(c) + _safe_log(d_q)
-    m = tl.where(paired, c_log_dq - log_dp, 0.0)
+    log_dq = _safe_log(d_q)
+    # m = LSE(ℓ + logσ r) − LSE(ℓ) = (β − m_p) + ρ + log d_q − log d_p
+    m = tl.where(paired, ((beta - m_p) + rho) + (log_dq - log_dp), 0.0)
     tl.store(m_ptr + row, m)
 
     if COMPUTE_GRAD:
@@ -99,8 +102,8 @@ def _head_fit_kernel(
             lg = tl.load(l_row + offs, mask=read_mask, other=ninf).to(tl.float32)
             r = tl.load(r_row + offs, mask=read_mask, other=0.0).to(tl.float32)
             ls = _log_sigmoid(r)
-            # q (1 − σ(r)) = exp(ℓ − m_p + logσ r − c − log d_q) · exp(logσ r − r)
-            g = coef * tl.exp((lg - m_p) + ls - c_log_dq + (ls - r))
+            # q (1 − σ(r)) = exp((ℓ − β) + (logσ r − ρ) − log d_q) · exp(logσ r − r)
+            g = coef * tl.exp((lg - beta) + (ls - rho) - log_dq + (ls - r))
             g = tl.where(read_mask, g, 0.0)
             tl.store(r_row + offs, g.to(reg_ptr.dtype.element_ty), mask=col_mask)
 

@@ -9,7 +9,8 @@ Maths (row t, vocabulary V, K heads with weights w_k):
 
 Forward: ``_token_kl_fwd_kernel`` runs one program per row and reads ℓ, b and the K head-logit
 rows once, tile by tile, keeping the six scalars of ``_math._two_lse_step``; it writes KL and
-four per-row statistics (the maxima and log-normalisers of p and q). q is never stored.
+five per-row statistics (p's max and log-normaliser, q's anchor and log-normaliser). q is never
+stored.
 
 Backward: ``_token_kl_bwd_kernel`` reads the same rows once more and writes
 ``grad_out[t] · (p_t − q_t)`` in the logits' dtype.
@@ -30,8 +31,8 @@ import triton.language as tl
 from attrctl.kernels._math import _log_r_tile, _safe, _safe_log, _two_lse_step
 from attrctl.kernels._utils import KernelConfig, pick_block_v, pick_num_warps
 
-# per-row statistics saved for backward: max ℓ, log d_p, max b, c + log d_q
-N_STATS = 4
+# per-row statistics saved for backward: max ℓ, log d_p, and q's anchor β, ρ and log d_q
+N_STATS = 5
 
 
 @triton.jit
@@ -46,7 +47,7 @@ def _token_kl_fwd_kernel(
     w_ptr,  # [K] fp32 attribute weights
     mask_ptr,  # [N] int8 row mask (1 = compute); ignored unless HAS_MASK
     kl_ptr,  # [N] fp32 out: KL(q_t ‖ p_t), 0 on masked rows
-    stats_ptr,  # [4, N] fp32 out: max ℓ, log d_p, max b, c + log d_q (see _math)
+    stats_ptr,  # [5, N] fp32 out: max ℓ, log d_p, β, ρ, log d_q (see _math)
     N,
     V,
     K,
@@ -64,8 +65,8 @@ def _token_kl_fwd_kernel(
 
     ninf = float("-inf")
     m_p = tl.full((), ninf, tl.float32)
-    m_b = tl.full((), ninf, tl.float32)
-    c = tl.full((), ninf, tl.float32)
+    beta = tl.full((), ninf, tl.float32)  # q's anchor: none yet
+    rho = tl.zeros((), tl.float32)
     d_p = tl.zeros((), tl.float32)
     d_q = tl.zeros((), tl.float32)
     e_q = tl.zeros((), tl.float32)
@@ -78,19 +79,22 @@ def _token_kl_fwd_kernel(
         else:
             b = lg
         log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
-        m_p, d_p, m_b, c, d_q, e_q = _two_lse_step(
-            lg, b, log_r, m_p, d_p, m_b, c, d_q, e_q, HAS_REF
+        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+            lg, b, log_r, m_p, d_p, beta, rho, d_q, e_q, HAS_REF, BLOCK_V
         )
 
     active = n_cols > 0
     log_dp = _safe_log(d_p)
     log_dq = _safe_log(d_q)
-    kl = e_q / tl.where(active, d_q, 1.0) - c - log_dq + log_dp
+    kl = e_q / tl.where(active, d_q, 1.0) - log_dq + log_dp
+    if not HAS_REF:
+        kl -= _safe(beta) - _safe(m_p)  # β − m_p: q's mode below p's, exact near the top
     tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
     tl.store(stats_ptr + row, _safe(m_p))
     tl.store(stats_ptr + N + row, log_dp)
-    tl.store(stats_ptr + 2 * N + row, _safe(m_b))
-    tl.store(stats_ptr + 3 * N + row, tl.where(active, _safe(c) + log_dq, 0.0))
+    tl.store(stats_ptr + 2 * N + row, _safe(beta))
+    tl.store(stats_ptr + 3 * N + row, rho)
+    tl.store(stats_ptr + 4 * N + row, log_dq)
 
 
 @triton.jit
@@ -104,7 +108,7 @@ def _token_kl_bwd_kernel(
     reg_stride_n,
     w_ptr,  # [K] fp32
     mask_ptr,  # [N] int8; ignored unless HAS_MASK
-    stats_ptr,  # [4, N] fp32 from the forward kernel
+    stats_ptr,  # [5, N] fp32 from the forward kernel
     grad_out_ptr,  # [N] fp32 upstream gradient of KL_t
     grad_ptr,  # [N, V] out: grad_out[t] · (p_t − q_t), dtype of ℓ, contiguous
     N,
@@ -120,8 +124,9 @@ def _token_kl_bwd_kernel(
         g = tl.where(tl.load(mask_ptr + row) != 0, g, 0.0)
     m_p = tl.load(stats_ptr + row)
     log_dp = tl.load(stats_ptr + N + row)
-    m_b = tl.load(stats_ptr + 2 * N + row)
-    log_zq = tl.load(stats_ptr + 3 * N + row)
+    beta = tl.load(stats_ptr + 2 * N + row)
+    rho = tl.load(stats_ptr + 3 * N + row)
+    log_dq = tl.load(stats_ptr + 4 * N + row)
     l_row = logits_ptr + row * logits_stride
     b_row = ref_ptr + row * ref_stride
     r_row = reg_ptr + row * reg_stride_n
@@ -139,7 +144,7 @@ def _token_kl_bwd_kernel(
             b = lg
         log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
         p = tl.exp(lg - m_p - log_dp)
-        q = tl.exp((b - m_b) + log_r - log_zq)
+        q = tl.exp((b - beta) + (log_r - rho) - log_dq)  # differences first, as in _math
         grad = g * (p - q)
         tl.store(out_row + offs, grad.to(grad_ptr.dtype.element_ty), mask=col_mask)
 
@@ -175,7 +180,7 @@ def token_kl_forward(
         config: launch parameters.
 
     Returns:
-        ``(kl [N] fp32, stats [4, N] fp32)``; ``stats`` feeds :func:`token_kl_backward`.
+        ``(kl [N] fp32, stats [5, N] fp32)``; ``stats`` feeds :func:`token_kl_backward`.
     """
     n, v = logits.shape
     k = reg_logits.shape[0]

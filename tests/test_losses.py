@@ -107,7 +107,17 @@ def _run_reg(impl, hidden, weight, labels, heads, lam, attr_w, reduction, grad_s
 
 
 def _close(actual, expected, rtol=1e-4, atol=1e-5, what=""):
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol, msg=what)
+    torch.testing.assert_close(
+        actual.double(), expected.double(), rtol=rtol, atol=atol, msg=lambda m: f"{what}: {m}"
+    )
+
+
+def _dyadic(g, shape, scale, bits=6):
+    """Random multiples of 2^-bits in [-scale, scale]. Exact in fp32, and so are their short dot
+    products and sums (with magnitudes below 2^14), so the fp32 inputs of a test equal its fp64
+    truth's exactly and what is compared is the loss's own arithmetic."""
+    k = int(scale * 2**bits)
+    return torch.randint(-k, k + 1, shape, generator=g).float() / 2**bits
 
 
 # --------------------------------------------------------------------------- regularized_lm_loss
@@ -208,6 +218,72 @@ def test_zero_heads_give_zero_kl_and_plain_ce(impl, use_impl):
     valid = labels != -100
     ce = F.cross_entropy(hidden @ weight.T, labels, reduction="none")[valid]
     _close(out.ce[valid], ce)
+
+
+def _near_minus_50(n, v, profile, seed=4):
+    """Two heads' logits at r ≈ −50 on every entry, so log R = logσ(r₁) + logσ(r₂) ≈ −100.
+
+    "flat": r = −50 exactly (KL 0: log R is constant). "nearly_flat": −50 plus dyadic offsets in
+    [−1/4, 1/4]; logσ(r) = r exactly at r ≈ −50 and the sums are exact, so log R is exact in
+    fp32 and varies by up to 1 (KL ≈ 1e-3..1e-2)."""
+    g = torch.Generator().manual_seed(seed)
+    reg = torch.full((2, n, v), -50.0)
+    if profile == "nearly_flat":
+        reg += _dyadic(g, (2, n, v), 0.25)
+    return reg
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("profile", ["flat", "nearly_flat"])
+def test_token_kl_does_not_cancel_at_very_negative_log_r(impl, profile, use_impl):
+    """KL = E_q[log R] − log E_p[R] subtracts two terms ≈ −100 here; in fp32 that lost ~1e-5 and
+    gave KLs of −2e-5 where the truth is 0. Each impl must be within 1e-6 of fp64 and ≥ −1e-7."""
+    impl = use_impl(impl, "token_kl")
+    n, v = 8, 300
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randn(n, v, generator=g) * 3
+    reg = _near_minus_50(n, v, profile)
+    x = logits.clone().requires_grad_()
+    kl = token_kl(x, reg, impl=impl)
+    g_out = torch.linspace(-1.0, 2.0, n)
+    kl.backward(g_out)
+    ld = logits.double()
+    log_q = torch.log_softmax(ld + F.logsigmoid(reg.double()).sum(0), -1)
+    log_p = torch.log_softmax(ld, -1)
+    truth = (log_q.exp() * (log_q - log_p)).sum(-1)
+    if profile == "flat":
+        assert truth.abs().max() < 1e-12
+    else:
+        assert truth.min() > 1e-4  # not 0: the comparison below sees a value
+    # fp32 sums over V = 300 of O(1) terms, and log softmax of O(10) logits: a few 1e-7
+    _close(kl, truth, rtol=0, atol=1e-6, what="kl")
+    assert kl.min() >= -1e-7, "a KL is never negative"
+    _close(x.grad, g_out.double().view(-1, 1) * (log_p.exp() - log_q.exp()), atol=1e-6)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("profile", ["flat", "nearly_flat"])
+def test_regularized_lm_loss_kl_does_not_cancel_at_very_negative_log_r(impl, profile, use_impl):
+    """The fused loss computes its KL in its own code (closed form, online in Triton): the same
+    two heads at r ≈ −50, here as bias −50 plus a dyadic linear part (exact in fp32)."""
+    impl = use_impl(impl, "regularized_lm_loss")
+    n, h, v = 8, 16, 300
+    hidden, weight, labels, _, lam = make_reg_inputs(n, h, v, k=0, ignore_frac=0, seed=6)
+    g = torch.Generator().manual_seed(7)
+    scale = 0.0 if profile == "flat" else 1 / 16  # |states| ≤ 1, |W| ≤ 1/16: |r + 50| ≤ 1/4
+    heads = [
+        RegHead(_dyadic(g, (n, 4), 1.0, bits=1), _dyadic(g, (v, 4), scale), torch.full((v,), -50.0))
+        for _ in range(2)
+    ]
+    out, gh, gw = _run_reg(impl, hidden, weight, labels, heads, lam, None, "mean", 1.0)
+    loss, _, kl, th, tw = truth_reg_lm(hidden, weight, labels, heads, [1.0, 1.0], lam, "mean")
+    loss.backward()
+    if profile == "nearly_flat":
+        assert kl.min() > 1e-4
+    _close(out.kl, kl.detach(), rtol=0, atol=1e-6, what="kl")
+    assert out.kl.min() >= -1e-7, "a KL is never negative"
+    _close(gh, th.grad, atol=1e-6, what="grad hidden")
+    _close(gw, tw.grad, atol=1e-6, what="grad lm_weight")
 
 
 # --------------------------------------------------------------------------- token_kl

@@ -12,13 +12,18 @@ eager's ``O(N·V)``: about 6 fp32 ``[N, V]`` tensors.
 
 Per chunk of rows (``regularized_lm_loss``), with ``ws_t`` the row's weight in the reduced loss:
 
-    A = x @ Wᵀ                        ℓ                     (one matmul)
-    B = Σ_k w_k logσ(s_k @ W_kᵀ + b_k)  log R               (one addmm per head, all heads once)
-    T = softmax(A); lse_p = max ℓ − log max T               p
-    A = softmax(A + B); lse_q likewise                     q (in place)
-    kl = E_q[log R] − lse_q + lse_p,  ce = lse_p − ℓ_y      (closed form of DESIGN.md §1)
+    A = x @ Wᵀ − max ℓ                ℓ, from its row max    (one matmul, one subtraction)
+    B = Σ_k w_k logσ(s_k @ W_kᵀ + b_k) − ρ   log R from ρ   (ρ = log R at q's mode)
+    T = softmax(A); lse_p = −log max T                      p
+    A = softmax(A + B); lse_q = max − log max               q (in place)
+    kl = E_q[B] − (lse_q − lse_p),  ce = lse_p − A_y        (closed form of DESIGN.md §1)
     T = ws·((1+λ) p − λ q − onehot(y))                     ∂loss/∂ℓ (in place)
     grad_x = T @ W;  grad_W += Tᵀ @ x                       (mm, addmm into one fp32 buffer)
+
+The shifts cost three elementwise passes and keep every quantity of the size of a *difference*:
+``max ℓ`` keeps ``ℓ + log R`` exact near the mode when ``|ℓ| ~ 1e4``, and ``ρ`` keeps the two
+terms of the KL from each being as large as ``log R`` (−100 for two heads at r = −50), where
+their fp32 difference lost ~1e-5 and reported negative KLs (see :func:`_anchored_kl`).
 
 For ``reduction="mean"``/``"sum"`` the gradients are computed during the forward pass and
 backward only multiplies them by the scalar ``grad_output``. For ``reduction="none"`` the row
@@ -70,6 +75,25 @@ def _scaled(grad: torch.Tensor | None, grad_out: torch.Tensor) -> torch.Tensor |
 def _lse_from_softmax(row_max: torch.Tensor, probs: torch.Tensor) -> torch.Tensor:
     """LSE of each row from its max and its softmax: ``lse = max − log(max softmax)``."""
     return row_max - probs.amax(-1).log()
+
+
+def _anchored_kl(
+    q: torch.Tensor,  # [C, V]
+    log_r: torch.Tensor,  # [C, V] log R − ρ
+    lse_q: torch.Tensor,  # [C] LSE(ℓ + log R) − (c + ρ)
+    lse_p: torch.Tensor,  # [C] LSE(ℓ) − c
+) -> torch.Tensor:  # [C]
+    """KL(q ‖ p) = E_q[log R − ρ] − (lse_q − lse_p), the closed form of DESIGN.md §1 with log R
+    measured from ρ, its value at q's mode, and both LSEs from a common shift c.
+
+    The closed form subtracts two terms that are each as large as log R itself: at log R ≈ −100
+    (two heads at r = −50) fp32 rounds both to ~1e-5 and the difference, a KL of 0, came out
+    −6e-5. Measured from ρ, both terms are of the size of log R's *variation* over q's mass, so a
+    constant log R gives 0 − (0 − 0) and a KL near 0 keeps its fp32 relative precision. (q's
+    mode, not p's: a head that vetoes p's mode, log R = −50 there and ≈ 0 elsewhere, would make
+    both terms ≈ 50 for a KL of O(0.1).)
+    """
+    return torch.bmm(q.unsqueeze(1), log_r.unsqueeze(2)).view(-1) - (lse_q - lse_p)
 
 
 def _log_r(
@@ -127,21 +151,22 @@ def _reg_pass(
         x = hidden[s:e].float()  # [C, H]
         y = labels[s:e].view(-1, 1)  # [C, 1]
         torch.mm(x, w32.t(), out=a)  # ℓ
+        a.sub_(a.amax(-1, keepdim=True))  # ℓ − max ℓ: exact near the max, however large ℓ is
         if heads:
             _log_r(heads, attr_weights, s, e, b, t)  # log R (t is scratch)
+            j = torch.add(a, b, out=t).argmax(-1, keepdim=True)  # [C, 1] q's mode
+            b.sub_(b.gather(1, j))  # log R − ρ, ρ = log R at q's mode (see _anchored_kl)
         else:
             b.zero_()
-        ell_y = a.gather(1, y).squeeze(1)
-        m_p = a.amax(-1)
+        ell_y = a.gather(1, y).squeeze(1)  # ℓ_y − max ℓ
         torch.softmax(a, -1, out=t)  # p
-        lse_p = _lse_from_softmax(m_p, t)
-        a.add_(b)  # ℓ + log R
+        lse_p = _lse_from_softmax(a.new_zeros(()), t)  # LSE(ℓ) − max ℓ
+        a.add_(b)  # ℓ + log R − (max ℓ + ρ)
         m_q = a.amax(-1)
         torch.softmax(a, -1, out=a)  # q, in place
-        lse_q = _lse_from_softmax(m_q, a)
-        e_q_log_r = torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)  # E_q[log R]
+        lse_q = _lse_from_softmax(m_q, a)  # LSE(ℓ + log R) − (max ℓ + ρ)
         ce[s:e] = lse_p - ell_y
-        kl[s:e] = e_q_log_r - lse_q + lse_p
+        kl[s:e] = _anchored_kl(a, b, lse_q, lse_p)
         if not grads:
             continue
         ws = row_weight[s:e]
@@ -288,7 +313,12 @@ def _kl_pass(logits, reg_logits, attr_weights, ref_logits, mask, need_grad):
         for k, w in enumerate(weights):
             log_r.add_(F.logsigmoid(reg_logits[k, idx].float()), alpha=w)
         base = ell if ref_logits is None else ref_logits[idx].float()
-        log_q = torch.log_softmax(base + log_r, -1)
+        # softmax(base + log R) from both terms' values at q's mode j: sums of O(1) differences
+        # instead of fp32 sums at |ℓ| ~ 1e4 or log R ~ −100 (see _anchored_kl)
+        j = (base + log_r).argmax(-1, keepdim=True)  # [C, 1]
+        z = base - base.gather(1, j)
+        z.add_(log_r.sub_(log_r.gather(1, j)))
+        log_q = torch.log_softmax(z, -1)
         q = log_q.exp()
         log_p = torch.log_softmax(ell, -1)
         # q = 0 entries (masked vocabulary, -inf logits) contribute 0, not 0·(−inf − −inf)

@@ -46,7 +46,14 @@ def _kl_rows(
     log_p = torch.log_softmax(logits, dim=-1)
     log_r = (attr_weights.view(-1, 1, 1) * F.logsigmoid(reg_logits)).sum(0)  # [N, V]
     base = logits.detach() if ref_logits is None else ref_logits.detach()
-    log_q = torch.log_softmax(base + log_r, dim=-1).detach()
+    # q = softmax(base + log R) is unchanged by subtracting a constant per row from base or from
+    # log R. Measured from their values at q's mode j, both terms keep the precision of their
+    # differences: with |ℓ| ~ 1e4 or log R ~ −100 (two heads at r = −50) a plain fp32
+    # base + log R rounds to the ulp of 1e4 (1e-3) or 100 (8e-6) and q moves by as much; shifted,
+    # a constant log R leaves base unchanged, so q = p and KL = 0 exactly.
+    j = (base + log_r).argmax(-1, keepdim=True)  # [N, 1] q's mode (rounding here is harmless)
+    shifted = (base - base.gather(-1, j)) + (log_r - log_r.gather(-1, j))
+    log_q = torch.log_softmax(shifted, dim=-1).detach()
     q = log_q.exp()
     # entries with q = 0 (e.g. masked vocabulary, ℓ = -inf) contribute 0, not 0·(−inf − −inf)
     terms = torch.where(q > 0, q * (log_q - log_p), torch.zeros_like(q))
