@@ -20,6 +20,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from attrctl.errors import AttrctlError
 from attrctl.losses import RegHead, head_fit_loss, regularized_lm_loss, token_kl
@@ -330,6 +331,54 @@ def test_regularized_lm_loss_kl_does_not_cancel_at_very_negative_log_r(impl, pro
     assert out.kl.min() >= -1e-7, "a KL is never negative"
     _close(gh, th.grad, atol=1e-6, what="grad hidden")
     _close(gw, tw.grad, atol=1e-6, what="grad lm_weight")
+
+
+class _MatmulShapes(TorchDispatchMode):
+    """Records the output shape of every matrix product that runs (below autograd, so the
+    products of a backward pass and of a custom autograd.Function count too)."""
+
+    OPS = ("mm", "addmm", "addmm_", "bmm", "baddbmm")
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if func.overloadpacket.__name__ in self.OPS:
+            self.shapes.append(tuple(out.shape))
+        return out
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("frozen", ["lm_weight", "hidden"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_frozen_inputs_get_no_gradient_and_no_gradient_matmul(impl, frozen, reduction, use_impl):
+    """A frozen LM head (top layers, LoRA, tied embeddings) must not cost the [V, H] weight-
+    gradient GEMM, nor a frozen hidden its [N, H] one; the other gradient is unchanged."""
+    impl = use_impl(impl, "regularized_lm_loss")
+    n, h, v = 13, 12, 70  # distinct sizes: a product's output shape says which gradient it is
+    hidden, weight, labels, heads, lam = make_reg_inputs(n, h, v, k=2, seed=8)
+    g_out = torch.linspace(0.5, 1.5, n) if reduction == "none" else torch.tensor(1.3)
+    ref = _run_reg("eager", hidden, weight, labels, heads, lam, None, reduction, g_out)
+    hx = hidden.clone().requires_grad_(frozen != "hidden")
+    wx = weight.clone().requires_grad_(frozen != "lm_weight")
+    with _MatmulShapes() as mm:
+        out = regularized_lm_loss(
+            hx, wx, labels, heads, lam=lam, reduction=reduction, impl=impl, chunk_size=5
+        )
+        out.loss.backward(g_out.expand(n) if reduction == "none" else g_out)
+    weight_grad_mms = [s for s in mm.shapes if s in ((v, h), (h, v))]
+    hidden_grad_mms = [s for s in mm.shapes if len(s) == 2 and s[1] == h and s[0] != v]
+    _close(out.loss, ref[0].loss, what="loss")
+    if frozen == "lm_weight":
+        assert wx.grad is None and weight_grad_mms == [], mm.shapes
+        assert hidden_grad_mms, mm.shapes  # the count sees the product it should
+        _close(hx.grad, ref[1], atol=1e-7, what="grad hidden")
+    else:
+        assert hx.grad is None and hidden_grad_mms == [], mm.shapes
+        assert weight_grad_mms, mm.shapes
+        _close(wx.grad, ref[2], atol=1e-7, what="grad lm_weight")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
