@@ -142,7 +142,8 @@ def test_sequential_run_directory_and_summary(reference_run):
 def test_parallel_matches_sequential_within_tolerance(reference_run, tmp_path):
     run, _ = reference_run
     policy = write_policy(tmp_path, schedule={"mode": "parallel", "iterations": 2})
-    attrctl("train", "-p", policy, "--out", tmp_path / "run", "-q", cwd=tmp_path)
+    proc = attrctl("train", "-p", policy, "--out", tmp_path / "run", "-q", cwd=tmp_path)
+    assert "critical path" in proc.stdout
     state = json.loads((tmp_path / "run" / "state.json").read_text())["jobs"]
     # parallel: θ_i trains with R_{i−1}; R_1 had no samples (zero head), R_2 fit on S_0
     assert state["finetune/1"]["heads"] == 0 and state["finetune/2"]["heads"] == 1

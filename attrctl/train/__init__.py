@@ -65,5 +65,10 @@ def summary_lines(result: Any) -> list[str]:
         )
     times = ", ".join(f"{r} {v:.0f} s" for r, v in s["role_seconds"].items())
     lines.append(f"time per role   {times}")
+    if s["parallel"]:
+        lines.append(
+            f"parallel        critical path {s['parallel']['critical_path_s']:.0f} s (max of the "
+            f"roles per iteration) vs {s['parallel']['sequential_sum_s']:.0f} s run one by one"
+        )
     lines.append(f"plots           {s['plot']}")
     return lines

@@ -136,11 +136,9 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             sums["loss"] += out.loss.item() / ft.grad_accum
             kl_dom.index_add_(0, dom[valid.cpu()], (lam * out.kl)[valid].double().cpu())
             tok_dom.index_add_(0, dom[valid.cpu()], torch.ones(n_valid, dtype=torch.float64))
+            y = labels[valid]
             for k, rh in enumerate(reg_heads):
-                y = labels[valid]
-                a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[
-                    y
-                ]  # head logit, token taken
+                a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[y]  # r_t[y_t] [n]
                 sums["head"][k] += float(torch.sigmoid(a).mean()) / ft.grad_accum
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
         opt.step()

@@ -89,6 +89,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         if "wall_s" in v:
             role_time[role] = role_time.get(role, 0.0) + v["wall_s"]
     last_heads = fits[-1][0] if fits else None
+    par = [r for r in run.read_metrics() if r.get("kind") == "parallel_iteration"]
     return {
         "run_dir": str(run.root),
         "model": str(run.model("final")),
@@ -99,5 +100,11 @@ def summary(run: RunDir) -> dict[str, Any]:
         "finetunes": [v for _, v in tunes],
         "role_seconds": role_time,
         "lambdas": jobs.get("lambdas"),
+        "parallel": {
+            "critical_path_s": sum(r["critical_path_s"] for r in par),
+            "sequential_sum_s": sum(r["sequential_sum_s"] for r in par),
+        }
+        if par
+        else None,
         "plot": str(run.root / "plots" / "training.png"),
     }
