@@ -16,6 +16,7 @@ the boundary.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -164,10 +165,13 @@ class PackingCollator:
         self.pad_id = (
             tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
         )
+        # HF tokenizers warn when a text is longer than the model's context; here a long passage
+        # is cut into rows, never fed whole to the model, so the warning is noise.
+        params = inspect.signature(tokenizer.__call__).parameters
+        self._quiet = {"verbose": False} if "verbose" in params else {}
 
     def _encode(self, example: Example) -> tuple[list[int], int]:
-        # verbose=False: a long passage is cut into rows here, not fed whole to the model
-        ids = self.tokenizer(example.text, add_special_tokens=False, verbose=False)["input_ids"]
+        ids = self.tokenizer(example.text, add_special_tokens=False, **self._quiet)["input_ids"]
         return [*ids, self.tokenizer.eos_token_id], self.domains.index(example.domain)
 
     def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:

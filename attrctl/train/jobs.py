@@ -59,15 +59,16 @@ def load_theta(ctx: TrainContext, i: int, role: str):
 
 # ------------------------------------------------------------------------------------ sample
 def _reusable_synth(ctx: TrainContext) -> Path | None:
-    """S_0 is the base model's continuations of the regularizer prompts — exactly what the
-    synth data source holds when its settings match (same seeds per row), so reuse its rows."""
+    """S_0 is the base model's continuations of the regularizer prompts — rows the synth data
+    source already holds when its settings match (the same per-row seeds), so reuse them. The
+    regularizer may use fewer samples per prompt or a subset of the prompt sets."""
     policy, reg = ctx.policy, ctx.policy.regularizer
     src = synth_source_of(policy)
     if not any(s is src for s in policy.data):
         return None
     same = (
-        src.prompts == reg.prompts
-        and src.samples_per_prompt == reg.samples_per_prompt
+        set(reg.prompts) <= set(src.prompts)
+        and src.samples_per_prompt >= reg.samples_per_prompt
         and src.max_new_tokens == reg.max_new_tokens
         and (src.temperature, src.top_p) == (TEMPERATURE, TOP_P)
     )
