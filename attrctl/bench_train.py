@@ -26,16 +26,19 @@ Data: random token ids ``[batch_size, seq_len]`` from the model's vocabulary (fi
 domain's λ. Every row sees the same ids.
 
 Timing: ``warmup`` untimed steps (AdamW state is created in the first), then ``steps`` timed
-steps; the median and spread (min, max) of their wall time.
+steps; the median and spread (min, max) of their wall time. The timed steps run with the default
+allocator, as a user's run does (glibc keeps freed blocks below 32 MiB for reuse; larger ones
+are mapped afresh, page faults included, every step).
 
-Peak memory (``peak_mb``): each row runs in a **fresh process** (so rows cannot contaminate each
-other) and reports the most resident memory its timed steps hold *above the model + optimizer
-baseline*: after the warm-up, with gradients freed (``zero_grad(set_to_none=True)``), the
-kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) and ``peak = VmHWM − VmRSS at
-that moment``. The baseline (``base_mb``, total RSS: libraries, weights, AdamW moments, the
-heads) is reported beside it. So the figure is what one step costs on top of a loaded model, the
-same definition for every row. The child runs with glibc's mmap threshold at 1 MiB so freed
-blocks return to the OS (see :mod:`attrctl.bench`). On CUDA the figures are the allocator's
+Peak memory (``peak_mb``, step rows and head fit): each row runs in its **own process**, forked
+from a row server that never runs a row, so rows cannot contaminate each other. After the timed
+steps the allocator is switched to return freed memory to the OS (glibc ``mallopt``: blocks
+≥ 1 MiB mmapped, no trim threshold; ``malloc_trim``), so that the resident set follows what is
+live; the kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) with gradients freed
+(``zero_grad(set_to_none=True)``), and :data:`MEM_STEPS` more steps run. ``peak = VmHWM −
+VmRSS at the reset``: the most a step holds **above the model + optimizer baseline**
+(``base_mb``: libraries, weights, AdamW moments, the heads — total RSS, reported beside it).
+The same definition for every row. On CUDA the figures are the allocator's
 ``max_memory_allocated`` above ``memory_allocated`` at the same point.
 """
 
@@ -196,7 +199,7 @@ def _load(spec: TrainBenchSpec) -> _Setup:
     from attrctl.policy import compile_policy, load_policy
     from attrctl.train.weights import select_trainable
 
-    overrides = list(spec.overrides) + ([f"model={spec.model}"] if spec.model else [])
+    overrides = _overrides(spec)
     policy = load_policy(spec.policy, overrides)
     ft = policy.finetune
     role = policy.schedule.role("finetune")
@@ -436,25 +439,59 @@ def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.T
 # --------------------------------------------------------------------------- measurement
 
 
-def _mem_reset(cuda: bool) -> float:
+#: Steps of the memory phase (after the timed steps); the peak is the largest of them.
+MEM_STEPS = 2
+
+
+def _malloc_returns_memory() -> bool:
+    """glibc only: from now on, blocks ≥ 1 MiB are mmapped and freed memory goes back to the OS
+    (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD; ``malloc_trim`` releases what is cached), so
+    the resident set follows what is live — as ``attrctl bench loss`` gets from its environment
+    variables. Returns False where there is no glibc."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, 2**20) == 1 and libc.mallopt(-1, 0) == 1
+        libc.malloc_trim(0)
+        return ok
+    except (OSError, AttributeError):
+        return False
+
+
+def _memory_phase(fn: Callable[[], Any], cuda: bool) -> tuple[float, float, str]:
+    """(baseline MiB, peak MiB above it, method) of :data:`MEM_STEPS` more steps of ``fn``."""
     gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated() / 2**20
-    _reset_hwm()
-    return _proc_kb("VmRSS") / 1024
-
-
-def _mem_peak(cuda: bool) -> float:
-    if cuda:
+        base = torch.cuda.memory_allocated() / 2**20
+        for _ in range(MEM_STEPS):
+            fn()
         torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-    return _proc_kb("VmHWM") / 1024
+        peak = torch.cuda.max_memory_allocated() / 2**20
+        return base, max(peak - base, 0.0), "cuda max_memory_allocated above memory_allocated"
+    exact = _malloc_returns_memory()
+    hwm = _reset_hwm()
+    base = _proc_kb("VmRSS") / 1024
+    for _ in range(MEM_STEPS):
+        fn()
+    peak = _proc_kb("VmHWM") / 1024
+    method = "VmHWM above VmRSS before the memory steps (model + optimizer baseline), own process"
+    if not exact:
+        method += "; no glibc: freed memory may stay resident (peak may read low)"
+    if not hwm:
+        method += "; HWM reset unavailable: includes earlier steps"
+    return base, max(peak - base, 0.0), method
 
 
 def measure(spec: TrainBenchSpec) -> TrainRow:
-    """Measure one row in *this* process (:func:`run_rows` gives each row a fresh one)."""
+    """Measure one row in *this* process (:func:`run_rows` gives each row a fresh one).
+
+    Two phases: the timed steps run with the default allocator (as a user's run would: glibc
+    keeps and reuses freed blocks below 32 MiB), then the allocator is switched to return
+    memory to the OS and :data:`MEM_STEPS` more steps measure the peak.
+    """
     if spec.row not in ROWS:
         raise AttrctlError(f"unknown row {spec.row!r}: choose from {', '.join(ROWS)}")
     row = TrainRow(spec.row)
@@ -472,8 +509,6 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
         fn, row.tokens = _head_fit_fn(spec, st)
     for _ in range(warmup):
         fn()
-    sync()
-    base = _mem_reset(cuda)
     times, counts, last = [], [], None
     for _ in range(repeats):
         sync()
@@ -482,10 +517,8 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
         sync()
         times.append(time.perf_counter() - t0)
         counts.append(last if isinstance(last, int) else row.tokens)
-    peak = _mem_peak(cuda)
     row.median_s = statistics.median(times)
     row.min_s, row.max_s, row.repeats = min(times), max(times), len(times)
-    row.base_mb, row.peak_mb = base, max(peak - base, 0.0)
     if spec.row == "sampler":
         row.tokens = int(statistics.median(counts))
         row.tokens_per_s = sum(counts) / sum(times)
@@ -494,11 +527,7 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
         row.loss = float(last)
         if not torch.isfinite(torch.tensor(row.loss)):
             raise AttrctlError(f"{spec.row}: the loss is not finite ({row.loss})")
-    row.memory_method = (
-        "cuda max_memory_allocated above memory_allocated after warm-up"
-        if cuda
-        else "VmHWM above VmRSS after warm-up (model + optimizer baseline), fresh process"
-    )
+        row.base_mb, row.peak_mb, row.memory_method = _memory_phase(fn, cuda)
     row.setup = st.info
     return row
 
@@ -522,20 +551,17 @@ def run_rows(specs: Sequence[TrainBenchSpec], isolate: bool = True) -> list[Trai
     """Measure rows, each in a fresh process unless ``isolate`` is False.
 
     A fresh interpreter per row would pay torch's and transformers' imports every time (seconds
-    each); instead one *row server* process (started with the same malloc settings as
-    :func:`attrctl.bench.run_row`) imports them once and forks a child per row, one at a time.
-    The server never runs a row, so no row sees memory or state another row left behind.
+    each); instead one *row server* process imports them once and forks a child per row, one at
+    a time. The server never runs a row, so no row sees memory or state another row left behind.
     """
     if not isolate:
         return [measure(s) for s in specs]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": "0"}
     code = "import sys; from attrctl.bench_train import _serve; _serve(sys.argv[1])"
     # cwd outside the repo: a repo-root cwd would put a top-level `kernels` on sys.path
     proc = subprocess.run(
         [sys.executable, "-c", code, json.dumps([asdict(s) for s in specs])],
         capture_output=True,
         text=True,
-        env=env,
         cwd=Path.home() if Path.home().is_dir() else "/",
         check=False,
     )
@@ -551,21 +577,48 @@ def run_rows(specs: Sequence[TrainBenchSpec], isolate: bool = True) -> list[Trai
     return [rows.get(s.row) or TrainRow(s.row, error="failed: no result") for s in specs]
 
 
+def _warm_policy(spec: TrainBenchSpec) -> None:
+    """Compile the policy once in the server, on one thread, and throw the result away: the
+    imports its oracles pull in (seconds for some) stay loaded for every forked row. One thread:
+    a torch op that an oracle's construction runs then never starts an OpenMP pool, which a
+    forked child could not use."""
+    from attrctl.policy import compile_policy, load_policy
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        compile_policy(load_policy(spec.policy, _overrides(spec)))
+    except Exception:  # the row reports the error from its own process
+        pass
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _overrides(spec: TrainBenchSpec) -> list[str]:
+    return list(spec.overrides) + ([f"model={spec.model}"] if spec.model else [])
+
+
 def _serve(specs_json: str) -> None:
     """The row server: warm imports, then one forked child per row; a JSON line per row."""
     import importlib
 
     for name in _WARM_IMPORTS:
         importlib.import_module(name)
-    for data in json.loads(specs_json):
-        data["overrides"] = tuple(data.get("overrides", ()))
-        spec = TrainBenchSpec(**data)
+    specs = [
+        TrainBenchSpec(**{**d, "overrides": tuple(d.get("overrides", ()))})
+        for d in json.loads(specs_json)
+    ]
+    threads = torch.get_num_threads()
+    if specs:
+        _warm_policy(specs[0])
+    for spec in specs:
         r, w = os.pipe()
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:  # the row's own process
             os.close(r)
+            torch.set_num_threads(threads)
             status = 0
             try:
                 try:

@@ -10,7 +10,10 @@ from attrctl.bench_train import REQUIRED_KEYS, ROWS, TrainBenchSpec, measure, ru
 from attrctl.errors import AttrctlError
 
 
-def test_bench_train_cli_prints_every_required_key(run_cli):
+def test_bench_train_cli_prints_every_required_key(run_cli, monkeypatch):
+    # one thread: on a shared machine two threads of a tiny model's many small ops spend most of
+    # their time waiting for each other (timings here are not the point; the plumbing is)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     code, out, err = run_cli("bench", "train", "--model", "tiny-random", "--json", "--steps", "2")
     assert code == 0, err
     result = json.loads(out)
@@ -20,7 +23,8 @@ def test_bench_train_cli_prints_every_required_key(run_cli):
     assert list(rows) == list(ROWS)
     for r in rows.values():
         assert r["error"] is None and r["repeats"] >= 1 and r["median_s"] > 0
-        assert "VmHWM" in r["memory_method"]
+    for name in ("sft", "sft_fused", "reg", "head_fit"):
+        assert "VmHWM" in rows[name]["memory_method"] and rows[name]["base_mb"] > 0
     # the step rows ran the same model, batch and trainable parameters, and checked their loss
     assert "vs transformers" in rows["sft_fused"]["check"]
     assert rows["reg"]["check"].startswith("vs eager")
@@ -32,7 +36,8 @@ def test_bench_train_cli_prints_every_required_key(run_cli):
     assert result["reg_over_sft_time"] == pytest.approx(result["reg_step_s"] / result["sft_step_s"])
 
 
-def test_bench_train_rejects_unknown_rows_and_reports_failures():
+def test_bench_train_rejects_unknown_rows_and_reports_failures(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
     with pytest.raises(AttrctlError, match="unknown row"):
         measure(TrainBenchSpec("fast", model="tiny-random"))
     # a row that fails in its process comes back as a row with `error`, not an exception
