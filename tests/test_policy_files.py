@@ -156,11 +156,12 @@ def test_policy_new_writes_a_valid_commented_template(run_cli, tmp_path, kind):
     assert code == 2 and "already exists" in err
 
 
-def test_train_validates_policy_before_saying_not_built(run_cli):
-    code, _, err = run_cli("train", "--policy", "toxicity", "--set", "finetune.steps=-1")
+def test_train_validates_policy_before_anything_runs(run_cli, tmp_path):
+    code, _, err = run_cli(
+        "train", "--policy", "toxicity", "--set", "finetune.steps=-1", "--out", tmp_path / "r"
+    )
     assert code == 2 and "finetune.steps" in err
-    code, _, err = run_cli("train", "--policy", "toxicity")
-    assert code == 3 and "not built yet" in err
+    assert not (tmp_path / "r").exists()  # nothing written for an invalid policy
 
 
 def test_policy_reference_doc_is_generated_from_the_schema(run_cli):
