@@ -4,21 +4,26 @@ Why row chunks and not a vocabulary tiling with an online log-sum-exp: the gradi
 row needs the *final* LSEs (``p = exp(ℓ − lse_p)``), so a vocabulary-tiled pass has to compute
 the logits twice (once for the LSEs, once for the gradient) — a third more matmul work. A row
 chunk holds whole vocabulary rows instead, so one matmul gives the logits, the LSEs come from
-row-fused softmax kernels (``lse = max − log(max softmax)``, exact to rounding since
-``softmax(argmax) = exp(max − lse) ≥ 1/V`` cannot underflow), and the gradient is written in
-place. The working set is three ``[C, V]`` fp32 buffers reused for every chunk, with ``C`` picked
-from a memory budget (:data:`CHUNK_BUDGET_BYTES`), so memory is ``O(C·V + V·H)`` instead of
-eager's ``O(N·V)``: about 6 fp32 ``[N, V]`` tensors.
+the row sums of ``exp(ℓ − max ℓ)`` (in ``[1, V]``: the max entry is exactly 1), and the gradient
+is written in place. The working set is three ``[C, V]`` fp32 buffers reused for every chunk
+(one without heads), with ``C`` picked from a memory budget (:data:`CHUNK_BUDGET_BYTES`), so
+memory is ``O(C·V + V·H)`` instead of eager's ``O(N·V)``: about 6 fp32 ``[N, V]`` tensors.
 
 Per chunk of rows (``regularized_lm_loss``), with ``ws_t`` the row's weight in the reduced loss:
 
-    A = x @ Wᵀ − max ℓ                ℓ, from its row max    (one matmul, one subtraction)
-    B = Σ_k w_k logσ(s_k @ W_kᵀ + b_k) − ρ   log R from ρ   (ρ = log R at q's mode)
-    T = softmax(A); lse_p = −log max T                      p
-    A = softmax(A + B); lse_q = max − log max               q (in place)
-    kl = E_q[B] − (lse_q − lse_p),  ce = lse_p − A_y        (closed form of DESIGN.md §1)
-    T = ws·((1+λ) p − λ q − onehot(y))                     ∂loss/∂ℓ (in place)
-    grad_x = T @ W;  grad_W += Tᵀ @ x                       (mm, addmm into one fp32 buffer)
+    B = Σ_k w_k logσ(s_k @ W_kᵀ + b_k)          log R            (addmm per head; A, T scratch)
+    A = x @ Wᵀ − max ℓ                          ℓ, from its row max
+    B −= ρ;  T = exp(A + B − max)               q·Σ_q            (ρ = log R at q's mode)
+    A = exp(A)                                  p·Σ_p            (in place)
+    lse = log Σ;  kl = E_q[B] − (lse_q − lse_p),  ce = lse_p − (ℓ_y − max ℓ)
+    A = ws·((1+λ) p − λ q − onehot(y))          ∂loss/∂ℓ         (in place; 1/Σ in the row scales)
+    grad_x = A @ W;  grad_W += Aᵀ @ x           (mm, addmm into one fp32 buffer)
+
+Without heads (plain CE, λ irrelevant) only ``A`` is formed. What the regularizer adds over CE
+is the head's addmm and these elementwise passes over ``[C, V]``, so they are counted: p and q
+stay unnormalised (their 1/Σ folds into per-row scales, no normalising pass, no extra max pass)
+and ``logσ`` is :func:`_log_sigmoid_` (torch's CPU kernel evaluates log1p per element, ~2.5×
+slower).
 
 The shifts cost three elementwise passes and keep every quantity of the size of a *difference*:
 ``max ℓ`` keeps ``ℓ + log R`` exact near the mode when ``|ℓ| ~ 1e4``, and ``ρ`` keeps the two
@@ -78,10 +83,11 @@ def _lse_from_softmax(row_max: torch.Tensor, probs: torch.Tensor) -> torch.Tenso
 
 
 def _anchored_kl(
-    q: torch.Tensor,  # [C, V]
+    q: torch.Tensor,  # [C, V] q times its row sum q_sum
     log_r: torch.Tensor,  # [C, V] log R − ρ
     lse_q: torch.Tensor,  # [C] LSE(ℓ + log R) − (c + ρ)
     lse_p: torch.Tensor,  # [C] LSE(ℓ) − c
+    q_sum: torch.Tensor,  # [C]
 ) -> torch.Tensor:  # [C]
     """KL(q ‖ p) = E_q[log R − ρ] − (lse_q − lse_p), the closed form of DESIGN.md §1 with log R
     measured from ρ, its value at q's mode, and both LSEs from a common shift c.
@@ -93,13 +99,33 @@ def _anchored_kl(
     mode, not p's: a head that vetoes p's mode, log R = −50 there and ≈ 0 elsewhere, would make
     both terms ≈ 50 for a KL of O(0.1).)
     """
-    return torch.bmm(q.unsqueeze(1), log_r.unsqueeze(2)).view(-1) - (lse_q - lse_p)
+    return torch.bmm(q.unsqueeze(1), log_r.unsqueeze(2)).view(-1) / q_sum - (lse_q - lse_p)
+
+
+def _log_sigmoid_(x: torch.Tensor, tmp: torch.Tensor) -> torch.Tensor:
+    """``x ← logσ(x)`` in place (``tmp``: scratch of x's shape), as ``min(x, 0) + log σ(|x|)``.
+
+    σ(|x|) ∈ [½, 1] cannot underflow, so logσ(−200) = −200, never −inf; the absolute error is
+    that of an fp32 log near 1 (≤ 6e-8). Two vectorized transcendental passes: torch's CPU
+    ``log_sigmoid`` evaluates log1p element by element and also writes a [C, V] buffer for its
+    backward; it took ~2.5× as long at the SmolLM2 shape.
+    """
+    torch.abs(x, out=tmp)
+    torch.sigmoid(tmp, out=tmp)
+    tmp.log_()
+    return x.clamp_(max=0.0).add_(tmp)
 
 
 def _log_r(
-    heads: list[RegHead], attr_weights: torch.Tensor, s: int, e: int, out: torch.Tensor, tmp
+    heads: list[RegHead],
+    attr_weights: torch.Tensor,
+    s: int,
+    e: int,
+    out: torch.Tensor,
+    tmp: torch.Tensor,
+    tmp2: torch.Tensor,
 ) -> None:
-    """Write ``Σ_k w_k logσ(r_k)`` of rows s:e into ``out`` ([C, V]); ``tmp`` is scratch."""
+    """Write ``Σ_k w_k logσ(r_k)`` of rows s:e into ``out`` ([C, V]); ``tmp``, ``tmp2`` scratch."""
     weights = attr_weights.tolist()
     for k, head in enumerate(heads):
         dst = out if k == 0 else tmp
@@ -109,7 +135,7 @@ def _log_r(
             torch.mm(st, w.t(), out=dst)
         else:
             torch.addmm(head.bias.float(), st, w.t(), out=dst)
-        torch._C._nn.log_sigmoid(dst, out=dst)  # in place: logσ(-50) = -50, never -inf
+        _log_sigmoid_(dst, tmp if k == 0 else tmp2)  # logσ(-50) = -50, never -inf
         if k == 0:
             if weights[0] != 1.0:
                 dst.mul_(weights[0])
@@ -143,41 +169,48 @@ def _reg_pass(
     w32 = lm_weight.float()  # no copy for fp32 weights
     c = pick_chunk_size(n, v, chunk_size, h)
     a_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
-    b_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
-    t_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
+    if heads:  # without heads q = p: log R and q need no buffers
+        b_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
+        t_buf = torch.empty(c, v, dtype=torch.float32, device=dev)
     for s in range(0, n, c):
         e = min(s + c, n)
-        a, b, t = a_buf[: e - s], b_buf[: e - s], t_buf[: e - s]
+        a = a_buf[: e - s]
         x = hidden[s:e].float()  # [C, H]
         y = labels[s:e].view(-1, 1)  # [C, 1]
+        if heads:
+            b, t = b_buf[: e - s], t_buf[: e - s]
+            _log_r(heads, attr_weights, s, e, b, t, a)  # log R (t, a are scratch)
         torch.mm(x, w32.t(), out=a)  # ℓ
         a.sub_(a.amax(-1, keepdim=True))  # ℓ − max ℓ: exact near the max, however large ℓ is
+        ell_y = a.gather(1, y).squeeze(1)  # ℓ_y − max ℓ
         if heads:
-            _log_r(heads, attr_weights, s, e, b, t)  # log R (t is scratch)
             j = torch.add(a, b, out=t).argmax(-1, keepdim=True)  # [C, 1] q's mode
             b.sub_(b.gather(1, j))  # log R − ρ, ρ = log R at q's mode (see _anchored_kl)
-        else:
-            b.zero_()
-        ell_y = a.gather(1, y).squeeze(1)  # ℓ_y − max ℓ
-        torch.softmax(a, -1, out=t)  # p
-        lse_p = _lse_from_softmax(a.new_zeros(()), t)  # LSE(ℓ) − max ℓ
-        a.add_(b)  # ℓ + log R − (max ℓ + ρ)
-        m_q = a.amax(-1)
-        torch.softmax(a, -1, out=a)  # q, in place
-        lse_q = _lse_from_softmax(m_q, a)  # LSE(ℓ + log R) − (max ℓ + ρ)
+            torch.add(a, b, out=t)  # ℓ + log R − (max ℓ + ρ)
+            m_q = t.amax(-1, keepdim=True)  # [C, 1]
+            t.sub_(m_q).exp_()  # q·Σ: the same ops as p's below, so log R = const gives q = p
+            sum_q = t.sum(-1)  # [C]
+            lse_q = m_q.squeeze(1) + sum_q.log()  # LSE(ℓ + log R) − (max ℓ + ρ)
+        a.exp_()  # p·Σexp: the max entry is exp(0) = 1, so the sum is in [1, V]
+        sum_p = a.sum(-1)  # [C]
+        lse_p = sum_p.log()  # LSE(ℓ) − max ℓ
         ce[s:e] = lse_p - ell_y
-        kl[s:e] = _anchored_kl(a, b, lse_q, lse_p)
+        if heads:
+            kl[s:e] = _anchored_kl(t, b, lse_q, lse_p, sum_q)
         if not grads:
             continue
         ws = row_weight[s:e]
-        lam_ws = lam[s:e] * ws
-        t.mul_((ws + lam_ws).view(-1, 1))  # (1+λ)·ws·p
-        t.addcmul_(a, (-lam_ws).view(-1, 1))  # − λ·ws·q
-        t.scatter_add_(1, y, (-ws).view(-1, 1))  # − ws·onehot(y)
+        # ∂loss/∂ℓ = ws·((1+λ) p − λ q − onehot(y)), built in a; p's normalisation folds into
+        # the row scale (no pass of its own). Without heads q = p and λ does not matter.
+        lam_ws = lam[s:e] * ws if heads else torch.zeros_like(ws)
+        a.mul_(((ws + lam_ws) / sum_p).view(-1, 1))  # (1+λ)·ws·p
+        if heads:
+            a.addcmul_(t, (-lam_ws / sum_q).view(-1, 1))  # − λ·ws·q
+        a.scatter_add_(1, y, (-ws).view(-1, 1))  # − ws·onehot(y)
         if grad_h is not None:
-            torch.mm(t, w32, out=grad_h[s:e])
+            torch.mm(a, w32, out=grad_h[s:e])
         if grad_w is not None:
-            grad_w.addmm_(t.t(), x)
+            grad_w.addmm_(a.t(), x)
     return ce, kl, grad_h, grad_w
 
 
