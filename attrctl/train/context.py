@@ -32,7 +32,7 @@ class TrainContext:
     rank: int = 0
     world: int = 1
     progress: Any = None
-    base_cache: dict = field(default_factory=dict)
+    _cache: dict = field(default_factory=dict, init=False, repr=False)
 
     @property
     def policy(self):
@@ -48,13 +48,13 @@ class TrainContext:
             return _NullBar()
         return self.progress.bar(job, total, unit)
 
-    def mixture(self, tokenizer: Any = None):
+    def mixture(self):
         """The policy's data mixture, loaded once per process."""
-        if "mixture" not in self.base_cache:
+        if "mixture" not in self._cache:
             from attrctl.data import build_mixture
 
-            self.base_cache["mixture"] = build_mixture(self.policy)
-        return self.base_cache["mixture"]
+            self._cache["mixture"] = build_mixture(self.policy)
+        return self._cache["mixture"]
 
     def role_device(self, role: str) -> str:
         return self.policy.schedule.role(role).device

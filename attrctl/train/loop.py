@@ -83,7 +83,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     taps = head_taps(heads)
     opt = ctx.compiled.finetune_optimizer(params)
     attr_weights = ctx.compiled.attr_weights
-    mixture = ctx.mixture(loaded.tokenizer)
+    mixture = ctx.mixture()
     lam_of_domain = torch.tensor(
         [ctx.compiled.lam_for(d) for d in mixture.domains], dtype=torch.float32
     )  # [D]
