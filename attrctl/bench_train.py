@@ -195,6 +195,7 @@ class _Setup:
 def _load(spec: TrainBenchSpec) -> _Setup:
     """Policy, model and its trainable subset as the fine-tune job prepares them."""
     from attrctl.heads import num_layers
+    from attrctl.losses import resolve_impl
     from attrctl.models import load_model
     from attrctl.policy import compile_policy, load_policy
     from attrctl.train.weights import select_trainable
@@ -218,8 +219,6 @@ def _load(spec: TrainBenchSpec) -> _Setup:
     torch.manual_seed(spec.seed)
     model = select_trainable(loaded.model, compiled)  # every row: the same setup to report
     params = [p for p in model.parameters() if p.requires_grad]
-    from attrctl.losses import resolve_impl
-
     info = {
         "policy": policy.name,
         "model": policy.model,
@@ -290,8 +289,9 @@ def _step_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.Tenso
     if spec.row == "sft":
 
         def step():
-            loss = st.model(input_ids=ids, labels=ids).loss  # transformers' default CE
-            loss.backward()
+            for _ in range(ft.grad_accum):  # the same micro-batches as the fused rows
+                loss = st.model(input_ids=ids, labels=ids).loss  # transformers' default CE
+                (loss / ft.grad_accum).backward()
             optimizer_step(st.params, opt, ft.max_grad_norm)
             return loss.detach()
 
