@@ -18,8 +18,7 @@ cached features: head features, ``head_fit_loss``, backward, AdamW).
 
 The steps are built from the project's training pieces (``select_trainable``, ``load_heads``,
 ``forward_with_tap``, ``regularized_lm_loss``, ``head_fit_loss``), and
-:func:`regularized_micro_step` is one micro-batch of ``attrctl.train.loop.finetune_job``,
-written so that the loop can call it.
+:func:`attrctl.train.loop.micro_step` is the very micro-batch the fine-tune job runs.
 
 Data: random token ids ``[batch_size, seq_len]`` from the model's vocabulary (fixed seed); row
 ``r`` belongs to domain ``r mod D`` of the policy's domains (sorted), and its tokens get that
@@ -60,6 +59,7 @@ import torch
 
 from attrctl.bench import _proc_kb, _reset_hwm, environment
 from attrctl.errors import AttrctlError
+from attrctl.train.loop import micro_step
 
 #: The rows, in the order they are run and printed.
 ROWS = ("sft", "sft_fused", "reg", "sampler", "head_fit")
@@ -120,55 +120,6 @@ class TrainRow:
 
 
 # --------------------------------------------------------------------------- the training step
-
-
-def regularized_micro_step(
-    forward: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]],
-    heads: Sequence[Any],
-    ids: torch.Tensor,
-    labels: torch.Tensor,
-    lam: torch.Tensor,
-    lm_weight: torch.Tensor,
-    *,
-    attr_weights: Sequence[float] | None,
-    impl: str,
-    chunk_size: int | None,
-    grad_accum: int = 1,
-):
-    """One micro-batch of the fine-tune job: forward with taps, head features, fused loss,
-    backward (gradients accumulate; the caller clips and steps).
-
-    Args:
-        forward: ``ids → (hidden [b, T, H], {tap: [b, T, H] detached})`` (``forward_with_tap``
-            bound to the model and taps, DDP-wrapped or not).
-        heads: the frozen regularizer heads (``RegularizerHead``); empty for plain CE.
-        ids: [b, T] int64 input ids.
-        labels: [N] int64 next-token labels, N = b·(T−1), -100 = ignored.
-        lam: [N] fp32 λ_t of each token's domain.
-        lm_weight: [V, H] the LM head weight.
-        attr_weights: w_k per head (None: all 1).
-        impl, chunk_size: the policy's ``loss`` settings.
-        grad_accum: micro-batches per step (the loss is divided by it before backward).
-
-    Returns:
-        ``(LossOutput, reg_heads)``: the loss (ce/kl per token, detached) and the ``RegHead``
-        inputs, for logging.
-    """
-    from attrctl.losses import RegHead, regularized_lm_loss
-
-    hidden, tapped = forward(ids)  # [b, T, H], {tap: [b, T, H]} detached
-    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H] predicts labels
-    reg_heads = []
-    for head in heads:
-        with torch.no_grad():
-            feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
-        reg_heads.append(RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias))
-    out = regularized_lm_loss(
-        h, lm_weight, labels, reg_heads, lam=lam,
-        attr_weights=attr_weights if reg_heads else None, impl=impl, chunk_size=chunk_size,
-    )  # fmt: skip
-    (out.loss / grad_accum).backward()
-    return out, reg_heads
 
 
 def optimizer_step(params: list[torch.Tensor], opt: torch.optim.Optimizer, max_norm: float):
@@ -306,7 +257,7 @@ def _step_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.Tenso
         return forward_with_tap(st.model, taps, x)
 
     def micro():
-        return regularized_micro_step(
+        return micro_step(
             forward, heads, ids, labels, lam_used, lm_weight,
             attr_weights=st.compiled.attr_weights, impl=loss_cfg.impl,
             chunk_size=loss_cfg.chunk_size, grad_accum=ft.grad_accum,

@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import resource
 import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -55,6 +56,53 @@ class _LMForward(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor):
         return forward_with_tap(self.model, self.taps, input_ids)
+
+
+def micro_step(
+    forward: Callable[[torch.Tensor], tuple[torch.Tensor, dict[int, torch.Tensor]]],
+    heads: Sequence[Any],
+    ids: torch.Tensor,
+    labels: torch.Tensor,
+    lam: torch.Tensor,
+    lm_weight: torch.Tensor,
+    *,
+    attr_weights: Sequence[float] | None,
+    impl: str,
+    chunk_size: int | None,
+    grad_accum: int = 1,
+):
+    """One micro-batch of the fine-tune job: forward with taps, head features, fused loss,
+    backward (gradients accumulate; the caller clips and steps).
+
+    Args:
+        forward: ``ids → (hidden [b, T, H], {tap: [b, T, H] detached})`` (``forward_with_tap``
+            bound to the model and taps, DDP-wrapped or not).
+        heads: the frozen regularizer heads (``RegularizerHead``); empty for plain CE.
+        ids: [b, T] int64 input ids.
+        labels: [N] int64 next-token labels, N = b·(T−1), -100 = ignored.
+        lam: [N] fp32 λ_t of each token's domain.
+        lm_weight: [V, H] the LM head weight.
+        attr_weights: w_k per head (None: all 1).
+        impl, chunk_size: the policy's ``loss`` settings.
+        grad_accum: micro-batches per step (the loss is divided by it before backward).
+
+    Returns:
+        ``(LossOutput, reg_heads)``: the loss (ce/kl per token, detached) and the ``RegHead``
+        inputs, for logging.
+    """
+    hidden, tapped = forward(ids)  # [b, T, H], {tap: [b, T, H]} detached
+    h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H] predicts labels
+    reg_heads = []
+    for head in heads:
+        with torch.no_grad():
+            feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
+        reg_heads.append(RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias))
+    out = regularized_lm_loss(
+        h, lm_weight, labels, reg_heads, lam=lam,
+        attr_weights=attr_weights if reg_heads else None, impl=impl, chunk_size=chunk_size,
+    )  # fmt: skip
+    (out.loss / grad_accum).backward()
+    return out, reg_heads
 
 
 def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
@@ -113,21 +161,11 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             ids = batch["input_ids"][ctx.rank :: ctx.world].to(device)  # [B/W, T] this rank's share
             labels = batch["labels"][ctx.rank :: ctx.world, 1:].reshape(-1).to(device)  # [N]
             dom = batch["domain_ids"][ctx.rank :: ctx.world, 1:].reshape(-1)  # [N]
-            hidden, tapped = forward(ids)  # [b, T, H], {tap: [b, T, H]} detached
-            h = hidden[:, :-1].reshape(-1, hidden.shape[-1])  # [N, H] predicts labels
-            reg_heads = []
-            for head in heads:
-                with torch.no_grad():
-                    feats = head.features(tapped[head.tap])[:, :-1]  # [b, T-1, Hk]
-                reg_heads.append(
-                    RegHead(feats.reshape(-1, feats.shape[-1]), head.weight, head.bias)
-                )
             lam = lam_of_domain[dom].to(device)  # [N] λ_t = λ of the token's domain
-            out = regularized_lm_loss(
-                h, lm_weight, labels, reg_heads, lam=lam, attr_weights=attr_weights,
-                impl=policy.loss.impl, chunk_size=policy.loss.chunk_size,
+            out, reg_heads = micro_step(
+                forward, heads, ids, labels, lam, lm_weight, attr_weights=attr_weights,
+                impl=policy.loss.impl, chunk_size=policy.loss.chunk_size, grad_accum=ft.grad_accum,
             )  # fmt: skip
-            (out.loss / ft.grad_accum).backward()
             # --- what gets logged (detached, cheap: nothing here touches [N, V])
             valid = labels != -100
             n_valid = max(int(valid.sum()), 1)
