@@ -108,6 +108,8 @@ class TrainRow:
     min_s: float | None = None
     max_s: float | None = None
     repeats: int = 0
+    times_s: list[float] = field(default_factory=list)  # every timed step, in order
+    rounds: int = 1  # processes the row ran in (their timed steps pooled)
     peak_mb: float | None = None
     base_mb: float | None = None
     tokens: int = 0  # tokens one timed unit processes
@@ -468,6 +470,7 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
         sync()
         times.append(time.perf_counter() - t0)
         counts.append(last if isinstance(last, int) else row.tokens)
+    row.times_s = times
     row.median_s = statistics.median(times)
     row.min_s, row.max_s, row.repeats = min(times), max(times), len(times)
     if spec.row == "sampler":
@@ -516,16 +519,13 @@ def run_rows(specs: Sequence[TrainBenchSpec], isolate: bool = True) -> list[Trai
         cwd=Path.home() if Path.home().is_dir() else "/",
         check=False,
     )
-    rows = {}
-    for line in proc.stdout.splitlines():
-        if line.startswith("{"):
-            row = TrainRow(**json.loads(line))
-            rows[row.row] = row
-    if proc.returncode != 0 and not rows:
+    # one JSON line per spec, in order (the server waits for each row before the next)
+    rows = [TrainRow(**json.loads(ln)) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    if len(rows) < len(specs):
         lines = (proc.stderr or proc.stdout).strip().splitlines()
         why = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
-        return [TrainRow(s.row, error=f"failed: {why}") for s in specs]
-    return [rows.get(s.row) or TrainRow(s.row, error="failed: no result") for s in specs]
+        rows += [TrainRow(s.row, error=f"failed: {why}") for s in specs[len(rows) :]]
+    return rows
 
 
 def _warm_policy(spec: TrainBenchSpec) -> None:
@@ -600,6 +600,21 @@ def _serve(specs_json: str) -> None:
 # --------------------------------------------------------------------------- the benchmark
 
 
+def _pool(runs: list[TrainRow]) -> TrainRow:
+    """One row from its rounds: timed steps pooled, the largest peak, the first error."""
+    ok = [r for r in runs if r.error is None]
+    if len(ok) < len(runs) or not ok:
+        return next(r for r in runs if r.error is not None)
+    if len(ok) == 1:
+        return ok[0]
+    row = max(ok, key=lambda r: r.peak_mb or 0.0)  # its peak, baseline and method
+    times = [t for r in ok for t in r.times_s]
+    row.times_s, row.rounds, row.repeats = times, len(ok), len(times)
+    row.median_s, row.min_s, row.max_s = statistics.median(times), min(times), max(times)
+    row.tokens_per_s = row.tokens / row.median_s if row.tokens else row.tokens_per_s
+    return row
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -613,27 +628,43 @@ def run_train_benchmark(
     warmup: int = 2,
     rows: Sequence[str] = ROWS,
     sample_batch: int | None = None,
+    rounds: int = 2,
     isolate: bool = True,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the rows (each in a fresh process) and return the result: the required keys at the
-    top level, then ``rows``, ``setup`` and ``env``."""
+    top level, then ``rows``, ``setup`` and ``env``.
+
+    The step rows run ``rounds`` times, each time in a new process and in a rotated order
+    (sft, fused, reg; then fused, reg, sft; …), and each row's timed steps are pooled: on a
+    shared or virtual machine the speed drifts over a minute by more than the differences
+    measured (the first row after an idle spell was up to 30% slower), and rotation spreads the
+    drift over the rows instead of charging it to one. Peak memory is the largest of the rounds.
+    """
     bad = [r for r in rows if r not in ROWS]
     if bad:
         raise AttrctlError(f"unknown row(s) {bad}: choose from {', '.join(ROWS)}")
-    if steps < 1 or warmup < 0:
-        raise AttrctlError(f"steps must be ≥ 1 and warmup ≥ 0; got {steps}, {warmup}")
+    if steps < 1 or warmup < 0 or rounds < 1:
+        raise AttrctlError(
+            f"steps and rounds must be ≥ 1 and warmup ≥ 0; got {steps}, {rounds}, {warmup}"
+        )
     from attrctl.policy import load_policy
 
     # fail fast, in this process, on a bad policy or override (workers would each repeat it)
     load_policy(policy, [*overrides, *([f"model={model}"] if model else [])])
     if progress:
         progress(f"rows {', '.join(rows)}, each in a fresh process …")
+    step_rows = [r for r in rows if r in STEP_ROWS]
+    order = [
+        step_rows[(k + i) % len(step_rows)] for k in range(rounds) for i in range(len(step_rows))
+    ]
+    order += [r for r in rows if r not in STEP_ROWS]
     specs = [
         TrainBenchSpec(name, policy, model, tuple(overrides), steps, warmup, sample_batch)
-        for name in rows
+        for name in order
     ]
-    measured = {r.row: r for r in run_rows(specs, isolate)}
+    done = run_rows(specs, isolate)
+    measured = {name: _pool([r for r in done if r.row == name]) for name in rows}
     env = environment(next((r.setup["device"] for r in measured.values() if r.setup), "cpu"))
     sft, fused, reg = (measured.get(k, TrainRow(k)) for k in STEP_ROWS)
     out: dict[str, Any] = {
@@ -685,6 +716,8 @@ def format_train_table(result: dict[str, Any]) -> str:
             return r["error"]
         if key == "time":
             return f"{f(r['median_s'], '.3f')} ({f(r['min_s'], '.3f')}–{f(r['max_s'], '.3f')})"
+        if key == "n":
+            return f"{r['repeats']} in {r.get('rounds', 1)}"
         return f(r.get(key), fmt)
 
     lines = [
@@ -697,6 +730,8 @@ def format_train_table(result: dict[str, Any]) -> str:
         f"| peak MiB above baseline | {cell('sft', 'peak_mb', '.0f')} "
         f"| {cell('sft_fused', 'peak_mb', '.0f')} | {cell('reg', 'peak_mb', '.0f')} "
         f"| {f(result['fused_over_sft_mem'], '.3f')} | **{f(result['reg_over_sft_mem'], '.3f')}** |",
+        f"| timed steps in processes | {cell('sft', 'n', '')} | {cell('sft_fused', 'n', '')} "
+        f"| {cell('reg', 'n', '')} | | |",
         f"| baseline RSS MiB (model + optimizer) | {cell('sft', 'base_mb', '.0f')} "
         f"| {cell('sft_fused', 'base_mb', '.0f')} | {cell('reg', 'base_mb', '.0f')} | | |",
         f"| tokens/s | {cell('sft', 'tokens_per_s', '.0f')} "

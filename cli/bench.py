@@ -53,7 +53,10 @@ def loss(
 def train(
     policy: str = typer.Option("toxicity", "--policy", "-p", help="Policy name or YAML path."),
     model: str | None = typer.Option(None, help="Override the policy's model (e.g. tiny-random)."),
-    steps: int = typer.Option(5, help="Timed steps per row (median reported), after warm-up."),
+    steps: int = typer.Option(5, help="Timed steps per row and round, after warm-up."),
+    rounds: int = typer.Option(
+        2, help="Processes per step row, in rotated order; the median pools their steps."
+    ),
     warmup: int = typer.Option(2, help="Untimed steps first (AdamW state is made in the first)."),
     rows: str = typer.Option(
         "sft,sft_fused,reg,sampler,head_fit", help="Comma list of rows to run."
@@ -75,7 +78,7 @@ def train(
 
     result = run_train_benchmark(
         policy, model=model, overrides=overrides, steps=steps, warmup=warmup, rows=_csv(rows),
-        sample_batch=sample_batch,
+        sample_batch=sample_batch, rounds=rounds,
         progress=None if as_json else (lambda msg: typer.echo(f"running {msg}", err=True)),
     )  # fmt: skip
     typer.echo(json.dumps(result, indent=1) if as_json else format_train_table(result))

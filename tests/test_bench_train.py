@@ -31,7 +31,8 @@ def test_bench_train_cli_prints_every_required_key(run_cli, monkeypatch):
     assert {r["setup"]["trainable_params"] for r in rows.values()} == {
         rows["sft"]["setup"]["trainable_params"]
     }
-    assert rows["reg"]["repeats"] == 2 and rows["reg"]["tokens"] == 8 * 63
+    assert rows["reg"]["repeats"] == 2 * 2 and rows["reg"]["rounds"] == 2  # --steps 2, 2 rounds
+    assert rows["reg"]["tokens"] == 8 * 63 and len(rows["reg"]["times_s"]) == 4
     assert result["env"]["git_commit"] and result["env"]["torch"]
     assert result["reg_over_sft_time"] == pytest.approx(result["reg_step_s"] / result["sft_step_s"])
 
