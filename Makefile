@@ -34,7 +34,7 @@ format: setup
 
 # The embedded default, end to end: the bundled SmolLM2 (dequantised once), toxic-domain data
 # sampled from it and labelled by the oracle, then `attrctl train` (sample → fit heads →
-# regularized fine-tune, 2 iterations) into runs/toxicity. Rerunning continues a stopped run.
+# regularized fine-tune, one iteration) into runs/toxicity. Rerunning continues a stopped run.
 demo: setup
 	$(VENV)/bin/attrctl train --policy toxicity
 

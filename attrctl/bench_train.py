@@ -59,6 +59,7 @@ import torch
 
 from attrctl.bench import _proc_kb, _reset_hwm, environment
 from attrctl.errors import AttrctlError
+from attrctl.train.jobs import consistency_pairs
 from attrctl.train.loop import micro_step
 
 #: The rows, in the order they are run and printed.
@@ -368,7 +369,7 @@ def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.T
     pair = ~first[rows]  # [n]
     y = (torch.rand(len(heads), b, generator=g) < 0.5).float()  # [K, b] sequence labels
     opt = st.compiled.head_optimizer([p for p in heads.parameters() if p.requires_grad])
-    impl, mu = st.compiled.policy.loss.impl, reg.consistency_weight
+    impl, mu = st.compiled.policy.loss.impl, reg.consistency_weight / reg.consistency_rows
     st.info.update(fit_batch=b, fit_seq_len=t)
 
     def step() -> torch.Tensor:
@@ -378,7 +379,7 @@ def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.T
             per_row_y = y[k].unsqueeze(1).expand_as(rows)[rows]  # [n]
             out = head_fit_loss(
                 hidden_rows, lm_weight, states, head.weight, head.bias, tokens, per_row_y,
-                mu=mu, pair_mask=pair, impl=impl,
+                mu=mu, pair_mask=consistency_pairs(pair, reg.consistency_rows, g), impl=impl,
             )  # fmt: skip
             total = total + out.loss
         opt.zero_grad(set_to_none=True)

@@ -509,7 +509,7 @@ def _head_inputs(n, h, v, hk, seed=0, scale=1.0):
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("shape", list(SHAPES))
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("masking", ["none", "some", "all"])
+@pytest.mark.parametrize("masking", ["none", "some", "all", "sparse_pairs"])
 def test_head_fit_loss_matches_fp64(impl, shape, reduction, masking, use_impl):
     impl = use_impl(impl, "head_fit_loss", shape)
     n, h, v = SHAPES[shape]
@@ -518,15 +518,20 @@ def test_head_fit_loss_matches_fp64(impl, shape, reduction, masking, use_impl):
         "none": torch.ones(n, dtype=torch.bool),
         "some": torch.arange(n) % 5 != 2,
         "all": torch.zeros(n, dtype=torch.bool),
+        "sparse_pairs": torch.ones(n, dtype=torch.bool),
     }[masking]
     tokens_in = torch.where(mask, tokens, -1)  # garbage tokens off the mask are allowed
     pair = torch.zeros(n, dtype=torch.bool)
     pair[1:] = mask[1:] & mask[:-1]
+    explicit = {}
+    if masking == "sparse_pairs":  # the consistency on a random quarter of the rows (head fitting)
+        pair &= torch.rand(n, generator=torch.Generator().manual_seed(3)) < 0.25
+        explicit = {"pair_mask": pair}
     mu = 0.7
     sp, wp, bp = (t.clone().requires_grad_() for t in (states, w, b))
     out = head_fit_loss(
         hidden, lm_w, sp, wp, bp, tokens_in, y, mu=mu, mask=mask, reduction=reduction,
-        impl=impl, chunk_size=5,
+        impl=impl, chunk_size=5, **explicit,
     )  # fmt: skip
     g_out = torch.linspace(0.5, 1.5, n) if reduction == "none" else torch.tensor(1.3)
     out.loss.backward(g_out)

@@ -440,6 +440,26 @@ def _head_pass(
     return m, g_s, g_w, g_b
 
 
+def _pair_pass(hidden, lm_weight, states, weight, bias, pair, d_fn, need, chunk_size):
+    """:func:`_head_pass` over the rows whose consistency counts (``pair``) only — m_t is read
+    nowhere else, so the ``[rows, V]`` work of the other rows is skipped (a caller that estimates
+    the consistency on a random subset of rows, as head fitting does, saves in proportion).
+    ``d_fn(m_rows, sel)`` gets the selected rows' m and their indices into the full rows."""
+    n = states.shape[0]
+    sel = pair.nonzero().squeeze(1)  # [P]
+    sub_d = None if d_fn is None else (lambda m_rows, s, e: d_fn(m_rows, sel[s:e]))
+    m_p, g_sp, g_w, g_b = _head_pass(
+        hidden[sel], lm_weight, states[sel], weight, bias, sub_d, need, chunk_size
+    )
+    m = torch.zeros(n, dtype=torch.float32, device=states.device)
+    m[sel] = m_p
+    g_s = None
+    if g_sp is not None:
+        g_s = torch.zeros(n, g_sp.shape[1], dtype=torch.float32, device=states.device)
+        g_s[sel] = g_sp
+    return m, g_s, g_w, g_b
+
+
 class _HeadInputs(NamedTuple):
     """Everything the head-loss gradient needs, kept between forward and a recomputing backward."""
 
@@ -480,11 +500,11 @@ def _head_grads(inp: _HeadInputs, row_w: torch.Tensor):
     mu2 = 2.0 * mu
     pair_f = pair.float()
 
-    def d_fn(m_rows, s, e):
-        # ∂(μ·pair·(prev − m)²)/∂m = −2μ·pair·(prev − m)
-        return -mu2 * pair_f[s:e] * (prev[s:e] - m_rows) * row_w[s:e]
+    def d_fn(m_rows, rows):
+        # ∂(μ·pair·(prev − m)²)/∂m = −2μ·(prev − m) on the pair rows
+        return -mu2 * (prev[rows] - m_rows) * row_w[rows]
 
-    m, g_s, g_w, g_b = _head_pass(hidden, lm_weight, states, weight, bias, d_fn, need, chunk)
+    m, g_s, g_w, g_b = _pair_pass(hidden, lm_weight, states, weight, bias, pair, d_fn, need, chunk)
     # ∂loss/∂a_t: BCE of row t, and the consistency of row t+1 through logσ(a_t)
     c = mask.float() * (torch.sigmoid(a) - labels) * row_w
     nxt = mu2 * pair_f[1:] * (prev[1:] - m[1:]) * row_w[1:]
@@ -522,7 +542,9 @@ class _HeadFitLoss(torch.autograd.Function):
             m, g_s, g_w, g_b = _head_grads(vals, row_w)
             ctx.save_for_backward(g_s, g_w, g_b)
         else:
-            m, *_ = _head_pass(hidden, lm_weight, states, weight, bias, None, need, opts.chunk_size)
+            m, *_ = _pair_pass(
+                hidden, lm_weight, states, weight, bias, pair, None, need, opts.chunk_size
+            )
             ctx.vals = vals
         bce = F.binary_cross_entropy_with_logits(a, labels, reduction="none") * mask
         cons = (prev - m).square_() * pair

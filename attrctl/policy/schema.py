@@ -308,6 +308,14 @@ class RegularizerFit(_PromptSampling):
     consistency_weight: float = Field(
         0.1, ge=0, description="μ: weight of the NADO consistency term."
     )
+    consistency_rows: float = Field(
+        0.25,
+        gt=0,
+        le=1,
+        description="Share of rows, drawn afresh each step, the consistency term is estimated on "
+        "(weighted by its inverse, so the estimate is unbiased). Its `[rows, V]` pass is most of "
+        "a fitting step; 1 computes it on every row.",
+    )
 
 
 class LoraSpec(StrictModel):

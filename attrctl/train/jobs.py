@@ -285,6 +285,8 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     impl = ctx.policy.loss.impl
     bar = ctx.bar(f"fit R_{i}", reg.epochs * len(feats), "batch")
     rng = random.Random(f"fit-order/{ctx.policy.seed}/{i}")
+    pairs = torch.Generator().manual_seed(ctx.policy.seed * 7 + i)  # consistency rows per step
+    mu = reg.consistency_weight / reg.consistency_rows
     history = []
     for _ in range(reg.epochs):
         perm = list(range(len(feats)))
@@ -293,7 +295,8 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
         for bi in perm:
             fb = feats[bi]
             y = torch.as_tensor(labels[:, fb["index"]], dtype=torch.float32)  # [K, b]
-            loss = _head_loss(fit_model, heads, fb, y, lm_weight, reg.consistency_weight, impl)
+            pair = consistency_pairs(fb["pair"], reg.consistency_rows, pairs)
+            loss = _head_loss(fit_model, heads, fb, y, pair, lm_weight, mu, impl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -312,6 +315,14 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     return record
 
 
+def consistency_pairs(pair: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
+    """The rows of one step's consistency estimate: each pair row kept with probability
+    ``share`` (the caller weights the term by ``1/share``)."""
+    if share >= 1.0:
+        return pair
+    return pair & (torch.rand(pair.shape, generator=gen) < share)
+
+
 class _HeadFeatures(torch.nn.Module):
     """All heads' features from cached taps: the module DDP wraps when fitting is sharded."""
 
@@ -323,8 +334,9 @@ class _HeadFeatures(torch.nn.Module):
         return [h.features(taps[h.tap]) for h in self.heads]
 
 
-def _head_loss(fit_model, heads, fb, y, lm_weight, mu, impl):
-    """Σ_k head_fit_loss of head k on one mini-batch of cached features."""
+def _head_loss(fit_model, heads, fb, y, pair, lm_weight, mu, impl):
+    """Σ_k head_fit_loss of head k on one mini-batch of cached features, the consistency on the
+    rows of ``pair``."""
     total = 0.0
     n_rows = fb["rows"]
     feats = fit_model(fb["taps"])  # list of [b, T, Hk], one per head (DDP-wrapped when sharded)
@@ -333,7 +345,7 @@ def _head_loss(fit_model, heads, fb, y, lm_weight, mu, impl):
         per_row_y = y[k].unsqueeze(1).expand_as(n_rows)[n_rows]  # [n]
         out = head_fit_loss(
             fb["hidden"], lm_weight, states, head.weight, head.bias, fb["tokens"], per_row_y,
-            mu=mu, pair_mask=fb["pair"], impl=impl, reduction="sum",
+            mu=mu, pair_mask=pair, impl=impl, reduction="sum",
         )  # fmt: skip
         total = total + out.loss * fb["scale"]
     return total
