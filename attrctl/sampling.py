@@ -65,6 +65,7 @@ def sample_continuations(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_p: float = 1.0,
+    logits_processor: Any = None,
 ) -> list[list[int]]:
     """Sample one continuation per prompt with a KV cache, each row from its own generator.
 
@@ -81,6 +82,11 @@ def sample_continuations(
             (:func:`stop_token_ids`).
         temperature: softmax temperature.
         top_p: nucleus mass (1.0: plain sampling).
+        logits_processor: None, or a callable ``(input_ids [B, T], scores [B, V]) -> scores`` —
+            a transformers ``LogitsProcessor`` or ``LogitsProcessorList`` — applied to each
+            step's next-token logits before temperature and top-p (guided decoding:
+            :mod:`attrctl.guided`). ``input_ids`` are the left-padded prompts plus the tokens
+            sampled so far.
 
     Returns:
         ``B`` lists of sampled token ids, the stop token excluded.
@@ -120,8 +126,12 @@ def sample_continuations(
         out = model(
             input_ids=input_ids, attention_mask=attn, position_ids=pos, use_cache=True, **extra
         )
+        seq = input_ids  # [B, P + step]: what a logits processor sees
         for step in range(max_new_tokens):
-            probs = _next_token_probs(out.logits[:, -1], temperature, top_p).cpu()  # [B, V]
+            logits = out.logits[:, -1]  # [B, V]
+            if logits_processor is not None:
+                logits = logits_processor(seq, logits.float())
+            probs = _next_token_probs(logits, temperature, top_p).cpu()  # [B, V]
             picked = _inverse_cdf(probs, uniforms[:, step]).tolist()
             for i, tok in enumerate(picked):
                 if done[i]:
@@ -135,6 +145,7 @@ def sample_continuations(
             feed = torch.tensor(
                 [pad if d else t for d, t in zip(done, picked, strict=True)], device=device
             )
+            seq = torch.cat([seq, feed[:, None]], dim=1)
             attn = torch.cat([attn, attn.new_ones(batch, 1)], dim=1)  # [B, P + step + 1]
             pos = pos[:, -1:] + 1  # [B, 1]
             out = model(

@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -187,6 +188,67 @@ class RunDir:
         with contextlib.suppress(OSError, ValueError):
             if int(lock.read_text().strip()) == os.getpid():
                 lock.unlink()
+
+
+@dataclass(frozen=True)
+class FinishedRun:
+    """A finished training run, as ``eval``, ``export``, ``generate`` and ``report`` read it.
+
+    Attributes:
+        root: the run directory.
+        policy_path: its resolved ``policy.yaml``.
+        model_dir: ``model/final``, a transformers folder.
+        heads_dir: the last fitted heads (``heads/iter_<i>``), or None when no head was fitted.
+        state: the manifest (``state.json``).
+    """
+
+    root: Path
+    policy_path: Path
+    model_dir: Path
+    heads_dir: Path | None
+    state: dict[str, Any]
+
+    def policy(self, overrides=()):
+        """The run's resolved policy (``overrides`` as ``--set`` gives them)."""
+        from attrctl.policy import load_policy
+
+        return load_policy(self.policy_path, overrides)
+
+
+def is_run_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` looks like a training run (its ``run.json`` exists)."""
+    return (Path(path) / "run.json").is_file()
+
+
+def open_finished_run(path: str | os.PathLike) -> FinishedRun:
+    """The finished run in ``path``, or a clear error saying what is missing.
+
+    Raises:
+        AttrctlError: not a run directory, the manifest is corrupt, or the run has no final
+            model yet (it is unfinished: ``attrctl train --resume`` completes it).
+    """
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise AttrctlError(f"{root}: no such run directory")
+    if not is_run_dir(root):
+        raise AttrctlError(f"{root}: not an attrctl run directory (run.json is missing)")
+    run = RunDir(root)
+    state = run.state()
+    final = run.model("final")
+    if not (final / "config.json").is_file() or not (root / "policy.yaml").is_file():
+        raise AttrctlError(
+            f"{root}: the run has no finished model (model/final is missing); finish it with: "
+            f"attrctl train --resume {root}"
+        )
+    fitted = [
+        rec.get("iteration", int(job.split("/")[1]))
+        for job, rec in state["jobs"].items()
+        if job.startswith("fit/") and isinstance(rec, dict) and rec.get("fitted")
+    ]
+    heads = run.heads(max(fitted)) if fitted else None
+    if heads is not None and not (heads / "heads.safetensors").is_file():
+        raise AttrctlError(f"{heads}: the manifest lists these heads but their weights are missing")
+    return FinishedRun(root, root / "policy.yaml", final, heads, state)
 
 
 def _alive(pid: int) -> bool:
