@@ -48,6 +48,9 @@ def _register() -> None:
     app.add_typer(assets.app, name="assets")
     app.add_typer(bench.app, name="bench")
     train.register(app)
+    from attrctl.cli import eval as eval_cmd
+
+    eval_cmd.register(app)
     stubs.register(app)
 
 

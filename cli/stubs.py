@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 _NOT_BUILT = {
-    "eval": "evaluation of toxicity, perplexity and utility",
     "export": "HF-format export of a trained run",
     "generate": "generation, plain or NADO-guided",
 }
