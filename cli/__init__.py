@@ -51,6 +51,11 @@ def _register() -> None:
     from attrctl.cli import eval as eval_cmd
 
     eval_cmd.register(app)
+    from attrctl.cli import export, generate, report
+
+    generate.register(app)
+    export.register(app)
+    report.register(app)
     stubs.register(app)
 
 
