@@ -17,6 +17,10 @@ SHIPPED = sorted(POLICIES.glob("*.yaml"))
 
 def test_there_are_shipped_policies():
     assert {p.stem for p in SHIPPED} >= {"toxicity", "toxicity_sentiment", "no_pii"}
+    # the baselines of the paper's table (tests/test_baselines.py checks what they share)
+    assert {p.stem for p in SHIPPED} >= {
+        "toxicity_sft", "toxicity_filter", "toxicity_rl", "toxicity_uniform"
+    }  # fmt: skip
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.stem)

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from attrctl.data.sources import Example, describe_source, load_source
+from attrctl.data.sources import Example, describe_source, load_source_filtered
 from attrctl.policy.schema import Policy
 
 IGNORE_INDEX = -100  # labels ignored by the loss (padding)
@@ -30,12 +30,14 @@ IGNORE_INDEX = -100  # labels ignored by the loss (padding)
 
 @dataclass(frozen=True)
 class MixtureSource:
-    """One loaded source: a label, its normalised sampling probability, its examples."""
+    """One loaded source: a label, its normalised sampling probability, its examples, and how
+    many examples the ``filter`` objective dropped from it."""
 
     label: str
     domain: str
     probability: float
     examples: tuple[Example, ...]
+    dropped: int = 0
 
 
 class Mixture:
@@ -109,12 +111,14 @@ class Mixture:
         yield from collator.stream(self.examples(), batch_size, skip=start)
 
     def summary(self) -> list[dict[str, Any]]:
-        """One dict per source: label, domain, examples, probability, λ."""
+        """One dict per source: label, domain, examples, dropped (by the filter objective),
+        probability, λ."""
         return [
             {
                 "source": s.label,
                 "domain": s.domain,
                 "examples": len(s.examples),
+                "dropped": s.dropped,
                 "probability": s.probability,
                 "lambda": self.lambdas[self.domain_id(s.domain)],
             }
@@ -126,21 +130,25 @@ def build_mixture(policy: Policy) -> Mixture:
     """Load every data source of ``policy`` into a :class:`Mixture`.
 
     Domains are numbered in order of first appearance in ``policy.data``; their λ_d come from
-    ``policy.lam_for``.
+    ``policy.lam_for``. Under ``finetune.objective: filter`` the flagged synth rows are dropped
+    (each source's ``dropped`` says how many).
 
     Raises:
         AttrctlError: a source cannot be read or is empty.
     """
     total = sum(s.weight for s in policy.data)
-    sources = [
-        MixtureSource(
-            label=describe_source(s),
-            domain=s.domain,
-            probability=s.weight / total,
-            examples=tuple(load_source(s, policy)),
+    sources = []
+    for s in policy.data:
+        examples, dropped = load_source_filtered(s, policy)
+        sources.append(
+            MixtureSource(
+                label=describe_source(s),
+                domain=s.domain,
+                probability=s.weight / total,
+                examples=tuple(examples),
+                dropped=dropped,
+            )
         )
-        for s in policy.data
-    ]
     domains = list(dict.fromkeys(s.domain for s in policy.data))
     return Mixture(sources, domains, [policy.lam_for(d) for d in domains], seed=policy.seed)
 

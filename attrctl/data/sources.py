@@ -7,7 +7,8 @@ Four kinds (see :mod:`attrctl.policy.schema`):
 - ``hub`` — a Hugging Face dataset through ``datasets.load_dataset`` (needs internet);
 - ``bundled`` — ``shakespeare`` passages, ``train`` or ``heldout`` plays;
 - ``synth`` — the labelled continuations written by ``attrctl data synth``; each example is the
-  prompt followed by its continuation.
+  prompt followed by its continuation. Under ``finetune.objective: filter`` (the paper's filtering
+  baseline) the rows any attribute's oracle flags are dropped (:func:`oracle_flagged`).
 
 Every problem a user can cause — a missing file, a missing field, an empty dataset — is an
 :class:`~attrctl.errors.AttrctlError` naming the file and field.
@@ -65,15 +66,23 @@ def load_source(source, policy: Policy) -> list[Example]:
 
     Args:
         source: one entry of ``policy.data``.
-        policy: the policy (for its seed, run directory and base folder).
+        policy: the policy (for its seed, run directory, base folder and objective).
 
     Returns:
         Examples in source order. With ``max_examples``, a subset chosen deterministically from
-        the policy seed, still in source order.
+        the policy seed, still in source order. Under ``finetune.objective: filter``, a synth
+        source's flagged rows are dropped first (:func:`load_source_filtered` says how many).
 
     Raises:
         AttrctlError: missing/unreadable file, missing text field, or no examples.
     """
+    return load_source_filtered(source, policy)[0]
+
+
+def load_source_filtered(source, policy: Policy) -> tuple[list[Example], int]:
+    """:func:`load_source`, and how many examples the ``filter`` objective dropped from it (0 for
+    every other objective, and for sources without oracle scores: only synth rows carry them)."""
+    dropped = 0
     if isinstance(source, FileSource):
         texts, where = _read_file(Path(source.path), source.format, source.text_field)
     elif isinstance(source, HubSource):
@@ -83,22 +92,39 @@ def load_source(source, policy: Policy) -> list[Example]:
 
         texts, where = [p["text"] for p in load_shakespeare(source.split)], describe_source(source)
     elif isinstance(source, SynthSource):
-        texts, where = _read_synth(synth_path(source, policy), policy)
+        texts, where, dropped = _read_synth(synth_path(source, policy), policy)
     else:  # the schema's union is closed; this guards a new kind added without a reader
         raise TypeError(f"no reader for data source kind {getattr(source, 'kind', source)!r}")
     texts = [t for t in texts if t.strip()]
     if not texts:
-        raise AttrctlError(f"{where}: empty dataset (no non-empty texts)")
+        why = f" after the filter objective dropped {dropped} flagged rows" if dropped else ""
+        raise AttrctlError(f"{where}: empty dataset (no non-empty texts{why})")
     if source.max_examples is not None and len(texts) > source.max_examples:
         rng = random.Random(f"{policy.seed}:{source.domain}:{where}")
         keep = sorted(rng.sample(range(len(texts)), source.max_examples))
         texts = [texts[i] for i in keep]
-    return [Example(t, source.domain) for t in texts]
+    return [Example(t, source.domain) for t in texts], dropped
+
+
+def oracle_flagged(row: dict, policy: Policy) -> bool:
+    """Whether any attribute's oracle flags a labelled synth row: its score for the attribute is
+    at or above the attribute's ``target.max_violation`` — the rows the ``filter`` objective
+    drops, and the rows counted as violations everywhere else.
+
+    Raises:
+        KeyError: the row has no score for one of the policy's attributes.
+    """
+    scores = row["scores"]
+    return any(float(scores[a.name]) >= a.target.max_violation for a in policy.attributes)
 
 
 # ------------------------------------------------------------------------------------ readers
 def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
-    if not path.is_file():
+    try:
+        found = path.is_file()
+    except OSError as err:  # a name too long, say
+        raise AttrctlError(f"{path}: cannot read data file ({err.strerror or err})") from None
+    if not found:
         raise AttrctlError(f"{path}: data file not found")
     if fmt == "auto":
         fmt = _SUFFIX_FORMATS.get(path.suffix.lower(), "")
@@ -199,7 +225,8 @@ def _read_hub(source: HubSource) -> tuple[list[str], str]:
     return [v or "" for v in ds[source.text_field]], where
 
 
-def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str]:
+def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str, int]:
+    """Texts of a synth file, its label, and how many flagged rows the filter objective dropped."""
     from attrctl.data.synth import read_rows
 
     if not path.is_file():
@@ -212,8 +239,22 @@ def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str]:
     for i, row in enumerate(rows, 1):
         if "prompt" not in row or "continuation" not in row:
             raise AttrctlError(f"{path}:{i}: synth row lacks `prompt`/`continuation`")
+    kept = rows
+    if policy.finetune.objective == "filter":
+        kept = []
+        for i, row in enumerate(rows, 1):
+            try:
+                flagged = oracle_flagged(row, policy)
+            except (KeyError, TypeError, ValueError):
+                names = ", ".join(a.name for a in policy.attributes)
+                raise AttrctlError(
+                    f"{path}:{i}: the filter objective needs every attribute's score ({names}) "
+                    "in `scores`; re-create the file with `attrctl data synth`"
+                ) from None
+            if not flagged:
+                kept.append(row)
     # Training text is what a user would have seen: the prompt followed by the continuation.
-    return [row["prompt"] + row["continuation"] for row in rows], str(path)
+    return [row["prompt"] + row["continuation"] for row in kept], str(path), len(rows) - len(kept)
 
 
 def preview_sources(policy: Policy, n: int = 3) -> list[dict]:

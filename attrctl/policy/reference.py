@@ -32,6 +32,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("regularizer", s.RegularizerFit),
     ("finetune", s.FineTune),
     ("finetune.lora", s.LoraSpec),
+    ("finetune.rl", s.RLSettings),
     ("schedule", s.Schedule),
     ("loss", s.LossSettings),
 ]

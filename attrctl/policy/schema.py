@@ -329,9 +329,53 @@ class LoraSpec(StrictModel):
     )
 
 
-class FineTune(StrictModel):
-    """The regularized fine-tuning of the base model."""
+class RLSettings(StrictModel):
+    """The `rl` objective: TRL's GRPOTrainer, rewarded by the policy's oracles.
 
+    Prompts are the regularizer prompts (the prompts the heads are fitted on), each completion is
+    `regularizer.max_new_tokens` long at most, and its reward is Σ_k w_k · (1 − score_k) over the
+    attributes (w_k = the attribute's `weight`, score_k its oracle's violation probability).
+    """
+
+    num_generations: int = Field(
+        4,
+        ge=2,
+        description="Completions sampled per prompt (GRPO's group: each reward is compared with "
+        "its group's mean). An optimizer step takes `finetune.batch_size` × `grad_accum` "
+        "completions, which must be a multiple of this (batch 8, 4 generations: 2 prompts a step).",
+    )
+    beta: float = Field(
+        0.04,
+        ge=0,
+        description="Weight of the KL to the reference model — the model the iteration starts "
+        "from (the base model in iteration 1). 0: no reference model (faster, no KL).",
+    )
+    learning_rate: float | None = Field(
+        None, gt=0, description="AdamW learning rate; null: `finetune.learning_rate`."
+    )
+    temperature: float = Field(1.0, gt=0, description="Sampling temperature of the completions.")
+    epsilon: float = Field(
+        0.2, gt=0, description="Clipping range of the probability ratio (PPO/GRPO's ε)."
+    )
+
+
+class FineTune(StrictModel):
+    """The regularized fine-tuning of the base model (or one of the paper's baselines)."""
+
+    objective: Literal["regularized", "sft", "filter", "rl"] = Field(
+        "regularized",
+        description="What the fine-tune job optimizes. `regularized`: CE + λ_d · KL(sg[q] ‖ p) "
+        "with the fitted heads (the method). The paper's baselines, on the same mixture, steps, "
+        "batch, learning rate and trainable parameters: `sft`: plain CE; no heads are fitted and "
+        "λ is ignored; `filter`: as `sft` after dropping the rows of `synth` data sources that "
+        "any attribute's oracle flags (score ≥ its `target.max_violation`; other sources carry "
+        "no scores and are used whole); `rl`: TRL's GRPOTrainer on the regularizer prompts with "
+        "the oracles as reward (`finetune.rl`). Every objective samples S_0 from the base model "
+        "and S_I from the trained one.",
+    )
+    rl: RLSettings = Field(
+        default_factory=RLSettings, description="Settings of the `rl` objective."
+    )
     method: Literal["full", "top_layers", "lora"] = Field(
         "top_layers",
         description="`full`: every weight; `top_layers`: the top `top_layers` decoder layers, "
@@ -349,6 +393,17 @@ class FineTune(StrictModel):
     checkpoint_every: int = Field(
         25, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
     )
+
+    @model_validator(mode="after")
+    def _check_rl_batch(self):
+        per_step = self.batch_size * self.grad_accum
+        if self.objective == "rl" and per_step % self.rl.num_generations:
+            raise ValueError(
+                f"finetune.objective rl: batch_size × grad_accum ({per_step}) completions a step "
+                f"must be a multiple of rl.num_generations ({self.rl.num_generations}), so every "
+                "prompt's group of completions lands in one step"
+            )
+        return self
 
 
 class RoleSettings(StrictModel):

@@ -71,7 +71,7 @@ def policy_template(name: str, attribute_kind: str) -> str:
         ],
         "regularization": {"lam": 0.1, "per_domain": {"attribute": 1.0}},
         "regularizer": _defaults(RegularizerFit),
-        "finetune": {k: v for k, v in _defaults(FineTune).items() if k != "lora"},
+        "finetune": {k: v for k, v in _defaults(FineTune).items() if k not in ("lora", "rl")},
         "schedule": _defaults(Schedule),
         "seed": 0,
     }

@@ -2,6 +2,7 @@
 
 - :mod:`attrctl.train.loop` — the fine-tune job: one readable training loop;
 - :mod:`attrctl.train.jobs` — the sample and fit jobs;
+- :mod:`attrctl.train.rl` — the ``rl`` baseline's fine-tune job (TRL's GRPOTrainer);
 - :mod:`attrctl.train.schedules` — sequential and parallel arrangements, and :func:`train`;
 - :mod:`attrctl.train.rundir` — atomic state, manifest, metrics, ownership of a run directory;
 - :mod:`attrctl.train.distributed` — torchrun / DDP;
@@ -58,7 +59,23 @@ def summary_lines(result: Any) -> list[str]:
                 f"head R_{f['iteration']} {name:<8} held-out AUC {auc}, accuracy "
                 f"{m['accuracy']:.3f}, BCE {m['bce']:.3f} ({m['held_out']} sequences)"
             )
+    objective = s["finetunes"][0].get("objective", "regularized") if s["finetunes"] else None
+    if objective not in (None, "regularized"):
+        lines.append(f"objective       {objective} (a baseline: no heads fitted, λ not used)")
+    if s["filter"]:
+        lines.append(
+            f"filter          dropped {s['filter']['dropped']} flagged synth rows, kept "
+            f"{s['filter']['kept']} examples"
+        )
     for t in s["finetunes"]:
+        if t.get("objective") == "rl":
+            first, last = t.get("reward_first"), t.get("reward_last")
+            reward = (
+                f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "n/a"
+            )
+            kl = f", KL {t['kl_last']:.4f}" if t.get("kl_last") is not None else ""
+            lines.append(f"θ_{t['iteration']}             reward {reward}{kl} (TRL GRPO)")
+            continue
         lines.append(
             f"θ_{t['iteration']}             CE {t['ce_first']:.3f} → {t['ce_last']:.3f}, "
             f"KL {t['kl_last']:.4f} (heads R_{t['heads']})"

@@ -10,6 +10,8 @@ One loop, top to bottom. Per step and micro-batch:
     backward, clip, AdamW step
 
 λ per token comes from the domain of the example the token belongs to (adaptive regularization).
+The ``sft`` and ``filter`` baselines (``finetune.objective``) run this same loop with no heads and
+λ = 0: the loss is then the plain fused CE.
 Every ``checkpoint_every`` steps the trainable weights, optimizer, RNG and data position are saved
 atomically; a killed run restarts from there and reaches bitwise the same weights, because every
 input of a step — weights, optimizer state, the data stream position, the heads — is restored
@@ -106,7 +108,8 @@ def micro_step(
 
 
 def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
-    """Fine-tune θ_i from θ_{i−1} with heads R_{head_index} (R_0: zero heads, plain SFT)."""
+    """Fine-tune θ_i from θ_{i−1} with heads R_{head_index} (R_0: zero heads); under the ``sft``
+    and ``filter`` objectives with no heads at all (plain CE; λ is ignored)."""
     from attrctl.models import load_model
 
     policy, ft, run = ctx.policy, ctx.policy.finetune, ctx.run
@@ -125,15 +128,20 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
         load_trainable(model, run.model(i - 1))
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    has_heads = head_index > 0 and run.done(f"fit/{head_index}") is not None
-    heads = load_heads(ctx.compiled, model, run.heads(head_index) if has_heads else None)
+    regularized = ft.objective == "regularized"
+    has_heads = regularized and head_index > 0 and run.done(f"fit/{head_index}") is not None
+    if regularized:
+        heads = load_heads(ctx.compiled, model, run.heads(head_index) if has_heads else None)
+    else:  # sft / filter: no heads, so no taps and no KL pass — the plain fused CE
+        heads = torch.nn.ModuleList()
     heads.to(device)
     taps = head_taps(heads)
     opt = ctx.compiled.finetune_optimizer(params)
     attr_weights = ctx.compiled.attr_weights
     mixture = ctx.mixture()
     lam_of_domain = torch.tensor(
-        [ctx.compiled.lam_for(d) for d in mixture.domains], dtype=torch.float32
+        [ctx.compiled.lam_for(d) if regularized else 0.0 for d in mixture.domains],
+        dtype=torch.float32,
     )  # [D]
     lm_weight = model.get_output_embeddings().weight  # [V, H]; frozen unless method is full
 
@@ -190,7 +198,8 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             "loss": dist.all_reduce_mean(ctx, sums["loss"]), "grad_norm": float(grad_norm),
             "lam_kl_by_domain": {d: float(kl_dom[j] / tok_dom[j]) if tok_dom[j] else None
                                  for j, d in enumerate(mixture.domains)},
-            "head_value": {a.name: sums["head"][k] for k, a in enumerate(ctx.compiled.attributes)},
+            "head_value": dict(zip((a.name for a in ctx.compiled.attributes), sums["head"],
+                                   strict=False)),  # none without heads (sft, filter)
             "tokens_per_s": ft.batch_size * ft.grad_accum * ft.seq_len / dt,
             "peak_mb": peak_memory_mb(device), "seconds": dt,
         }  # fmt: skip
@@ -215,7 +224,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
         save_trainable(model, run.model(i), meta)
     dist.barrier(ctx)
     return {
-        "iteration": i, "heads": meta["heads"], "steps": ft.steps,
+        "iteration": i, "objective": ft.objective, "heads": meta["heads"], "steps": ft.steps,
         "ce_first": history[0]["ce"] if history else None,
         "ce_last": _tail_mean(history, "ce"), "kl_last": _tail_mean(history, "kl"),
         "loss_last": _tail_mean(history, "loss"),

@@ -18,17 +18,26 @@ def plot_run(run: RunDir) -> None:
 
     recs = run.read_metrics()
     steps = [r for r in recs if r.get("kind") == "step"]
+    rl_steps = [r for r in recs if r.get("kind") == "rl_step"]
     samples = sorted((r for r in recs if r.get("kind") == "sample"), key=lambda r: r["iteration"])
-    if not steps and not samples:
+    if not steps and not samples and not rl_steps:
         return
     fig, axes = plt.subplots(2, 3, figsize=(15, 8))
     x = list(range(1, len(steps) + 1))  # global step across iterations
     ax = axes[0, 0]
-    ax.plot(x, [r["ce"] for r in steps], lw=0.8)
-    ax.set(title="cross-entropy (per token)", xlabel="step")
-    ax = axes[0, 1]
-    ax.plot(x, [r["kl"] for r in steps], lw=0.8)
-    ax.set(title="KL(q ‖ p) (per token)", xlabel="step")
+    if rl_steps:  # the rl objective: TRL's mean reward and KL to the reference per step
+        xr = list(range(1, len(rl_steps) + 1))
+        ax.plot(xr, [r.get("reward", float("nan")) for r in rl_steps], lw=0.8)
+        ax.set(title="mean reward Σ_k w_k (1 − score_k)", xlabel="step")
+        ax = axes[0, 1]
+        ax.plot(xr, [r.get("kl", float("nan")) for r in rl_steps], lw=0.8)
+        ax.set(title="KL to the reference (TRL)", xlabel="step")
+    else:
+        ax.plot(x, [r["ce"] for r in steps], lw=0.8)
+        ax.set(title="cross-entropy (per token)", xlabel="step")
+        ax = axes[0, 1]
+        ax.plot(x, [r["kl"] for r in steps], lw=0.8)
+        ax.set(title="KL(q ‖ p) (per token)", xlabel="step")
     ax = axes[0, 2]
     domains = sorted({d for r in steps for d in r.get("lam_kl_by_domain", {})})
     for d in domains:
@@ -100,6 +109,7 @@ def summary(run: RunDir) -> dict[str, Any]:
         "finetunes": [v for _, v in tunes],
         "role_seconds": role_time,
         "lambdas": jobs.get("lambdas"),
+        "filter": jobs.get("filter"),
         "parallel": {
             "critical_path_s": sum(r["critical_path_s"] for r in par),
             "sequential_sum_s": sum(r["sequential_sum_s"] for r in par),

@@ -7,6 +7,10 @@ Parallel, iteration i = 1..I:     at the same time, as three processes: sample S
 Both end by sampling S_I from the final θ_I, so the run reports the violation rate of the base
 model's samples (S_0) and of the final model's (S_I) on the same prompts with the same seeds.
 
+Baselines (``finetune.objective`` ``sft``, ``filter``, ``rl``): no heads to fit, so S_0, then the
+fine-tune jobs θ_1..θ_I one after another (the plain-CE loop, or TRL's trainer for ``rl``), then
+S_I; ``schedule.mode`` does not apply.
+
 Every job is skipped when the manifest already lists it: a resumed run (or a fresh ``train`` into
 the same run directory with the same policy) goes straight to the first unfinished job.
 """
@@ -50,6 +54,13 @@ def fingerprint_text(policy: Policy) -> str:
     data = resolved_dict(policy)
     data.pop("output_dir", None)
     data.get("schedule", {}).pop("roles", None)
+    # Settings that do not change a regularized run stay out of its fingerprint, so runs made
+    # before `finetune.objective` existed still resume.
+    ft = data.get("finetune", {})
+    if ft.get("objective") != "rl":
+        ft.pop("rl", None)
+    if ft.get("objective") == "regularized":
+        ft.pop("objective")
     return yaml.safe_dump(data, sort_keys=True)
 
 
@@ -88,10 +99,13 @@ def train(
     try:
         _prepare_data(ctx)
         ctx.mixture()  # every data source loads (or fails, naming it) before any job starts
-        ctx.compiled = _resolve_lambdas(ctx)
-        if policy.schedule.mode == "parallel" and world == 1:
+        if policy.finetune.objective != "regularized":
+            _baseline(ctx)
+        elif policy.schedule.mode == "parallel" and world == 1:
+            ctx.compiled = _resolve_lambdas(ctx)
             _parallel(ctx)
         else:
+            ctx.compiled = _resolve_lambdas(ctx)
             if policy.schedule.mode == "parallel" and ctx.writer:
                 print("attrctl train: under torchrun the parallel schedule runs its jobs one "
                       "after another (each job already uses every rank)", file=sys.stderr)  # fmt: skip
@@ -149,7 +163,35 @@ def _resolve_lambdas(ctx: TrainContext) -> CompiledPolicy:
     return dataclasses.replace(ctx.compiled, lam_by_domain=dict(rec["lam_by_domain"]))
 
 
+def _record_filter(ctx: TrainContext) -> None:
+    """``filter`` objective: publish how many flagged synth rows the mixture dropped."""
+    if ctx.run.done("filter") is not None or not ctx.writer:
+        return
+    rows = [
+        {"source": s.label, "domain": s.domain, "kept": len(s.examples), "dropped": s.dropped}
+        for s in ctx.mixture().sources
+    ]
+    rec = {
+        "dropped": sum(r["dropped"] for r in rows),
+        "kept": sum(r["kept"] for r in rows),
+        "by_source": rows,
+        "rule": "a synth row is dropped when any attribute's score ≥ its max_violation",
+        "max_violation": {a.name: a.target.max_violation for a in ctx.compiled.attributes},
+    }
+    ctx.run.publish("filter", rec)
+    ctx.log({"kind": "filter", **rec})
+
+
 # ------------------------------------------------------------------------------------ schedules
+def _baseline(ctx: TrainContext) -> None:
+    """sft / filter / rl: S_0 from the base model, then θ_1..θ_I with no heads (λ ignored)."""
+    if ctx.policy.finetune.objective == "filter":
+        _record_filter(ctx)
+    _run(ctx, "sample", 0)
+    for i in range(1, ctx.policy.schedule.iterations + 1):
+        _run(ctx, "finetune", i, 0)
+
+
 def _sequential(ctx: TrainContext) -> None:
     for i in range(1, ctx.policy.schedule.iterations + 1):
         _run(ctx, "sample", i - 1)
@@ -199,6 +241,10 @@ def run_job(ctx: TrainContext, role: str, idx: int, arg: int | None) -> dict[str
         return sample_job(ctx, idx)
     if role == "fit":
         return fit_job(ctx, idx, -1 if arg is None else arg)
+    if ctx.policy.finetune.objective == "rl":
+        from attrctl.train.rl import rl_job  # imports TRL: only runs that use it pay for it
+
+        return rl_job(ctx, idx)
     return finetune_job(ctx, idx, 0 if arg is None else arg)
 
 
