@@ -8,6 +8,17 @@ Every error a user can cause (a malformed policy, a missing file, a missing asse
 from __future__ import annotations
 
 
+def printable(text: str) -> str:
+    """``text`` with control characters (other than newline and tab) escaped, so that a message
+    quoting user input cannot move the cursor, recolour the terminal or split a line."""
+    if text.isprintable():
+        return text
+    return "".join(
+        c if c.isprintable() or c in "\n\t" else c.encode("unicode_escape").decode("ascii")
+        for c in text
+    )
+
+
 class AttrctlError(Exception):
     """An error caused by the user's input or environment, with an actionable message."""
 
@@ -23,8 +34,8 @@ class PolicyError(AttrctlError):
     """
 
     def __init__(self, source: str, problems: list[str]):
-        self.source = source
-        self.problems = list(problems)
+        self.source = printable(source)
+        self.problems = [printable(p).replace("\n", "\\n") for p in problems]
         lines = "\n".join(f"  - {p}" for p in self.problems)
         n = len(self.problems)
         super().__init__(f"{source}: {n} problem{'s' if n != 1 else ''} in policy\n{lines}")
@@ -38,3 +49,12 @@ class Interrupted(AttrctlError):
     """A long job was stopped by SIGINT/SIGTERM after saving what it had (exit code 130)."""
 
     exit_code = 130
+
+
+class WriteError(AttrctlError):
+    """A write failed for a reason outside attrctl: a full disk, a file size limit, a read-only or
+    permission-denied folder. Whatever was written before is intact; rerunning continues."""
+
+
+class InUseError(AttrctlError):
+    """Another live process holds the lock of a file or run directory attrctl would write."""

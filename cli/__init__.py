@@ -11,7 +11,7 @@ import sys
 
 import typer
 
-from attrctl.errors import AttrctlError
+from attrctl.errors import AttrctlError, printable
 
 app = typer.Typer(
     name="attrctl",
@@ -70,11 +70,21 @@ def main(argv: list[str] | None = None) -> int:
     except AttrctlError as err:
         if debug:
             raise
-        typer.secho(f"error: {err}", err=True, fg=typer.colors.RED)
+        typer.secho(f"error: {printable(str(err))}", err=True, fg=typer.colors.RED)
         return err.exit_code
     except SystemExit as ex:
         code = ex.code
         return code if isinstance(code, int) else (0 if code is None else 1)
+    except Exception as err:
+        # A full disk, size limit or read-only folder hit by a write that did not go through
+        # attrctl.paths.writing still gets one line, not a traceback; anything else is a bug.
+        from attrctl.paths import write_error
+
+        failed = write_error(getattr(err, "filename", None) or "a file attrctl was writing", err)
+        if failed is None or debug:
+            raise
+        typer.secho(f"error: {failed}", err=True, fg=typer.colors.RED)
+        return failed.exit_code
     return 0
 
 

@@ -34,7 +34,25 @@ def minimal_policy() -> dict:
     }
 
 
+def _hypothesis_profiles() -> None:
+    """Profiles of the input fuzzing (tests/test_fuzz_inputs.py). ``ci``: a fixed seed, so CI runs
+    the same cases every time, no example database written into the tree. ``long``: random, with
+    a database in .hypothesis/ (its tests are marked ``fuzz_long``; run with -m fuzz_long)."""
+    try:
+        from hypothesis import HealthCheck, settings
+    except ImportError:  # hypothesis is a dev dependency; only the fuzz tests need it
+        return
+    quiet = [HealthCheck.too_slow, HealthCheck.function_scoped_fixture, HealthCheck.data_too_large,
+             HealthCheck.filter_too_much, HealthCheck.large_base_example]  # fmt: skip
+    settings.register_profile(
+        "ci", derandomize=True, database=None, deadline=None, print_blob=True,
+        suppress_health_check=quiet,
+    )  # fmt: skip
+    settings.register_profile("long", deadline=None, print_blob=True, suppress_health_check=quiet)
+
+
 def pytest_configure(config):
+    _hypothesis_profiles()
     # Keep tests hermetic: no hub access even if a network appeared.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")

@@ -48,15 +48,22 @@ def load_prompt_set(ref: str) -> PromptSet:
     if ref in BUNDLED_PROMPT_SETS:
         text = resources.files("attrctl.data").joinpath("prompts", f"{ref}.txt").read_text("utf-8")
         return PromptSet(ref, _parse(text))
-    path = Path(ref).expanduser()
     try:
-        text = path.read_text(encoding="utf-8")
+        path = Path(ref).expanduser()
+        data = path.read_bytes()
     except FileNotFoundError:
         raise AttrctlError(
-            f"{path}: prompt file not found (bundled sets: {', '.join(BUNDLED_PROMPT_SETS)})"
+            f"{ref}: prompt file not found (bundled sets: {', '.join(BUNDLED_PROMPT_SETS)})"
         ) from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise AttrctlError(f"{path}: cannot read prompt file: {err}") from None
+    except (OSError, RuntimeError, ValueError) as err:  # a folder, ~nobody, a NUL byte
+        raise AttrctlError(f"{ref}: cannot read prompt file: {err}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = data.count(b"\n", 0, err.start) + 1
+        raise AttrctlError(
+            f"{path}:{line}: cannot read prompt file: not UTF-8 text ({err.reason})"
+        ) from None
     prompts = _parse(text)
     if not prompts:
         raise AttrctlError(f"{path}: prompt file holds no prompts (one prompt per line expected)")

@@ -17,6 +17,7 @@ Every problem a user can cause — a missing file, a missing field, an empty dat
 from __future__ import annotations
 
 import csv
+import io
 import json
 import random
 from dataclasses import dataclass
@@ -135,7 +136,7 @@ def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
             )
     try:
         if fmt == "txt":
-            text = path.read_text(encoding="utf-8")
+            text = _utf8(path, path.read_bytes())
             return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")], str(path)
         if fmt == "jsonl":
             return _read_jsonl(path, field), str(path)
@@ -144,6 +145,18 @@ def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
         return _read_parquet(path, field), str(path)
     except (OSError, UnicodeDecodeError) as err:
         raise AttrctlError(f"{path}: cannot read {fmt} file: {err}") from None
+
+
+def _utf8(path: Path, data: bytes, lineno: int | None = None) -> str:
+    """``data`` decoded as UTF-8, or an error naming the file and the line that is not."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = lineno if lineno is not None else data.count(b"\n", 0, err.start) + 1
+        raise AttrctlError(
+            f"{path}:{line}: not UTF-8 text ({err.reason} at byte {err.start}"
+            f"{' of the line' if lineno is not None else ''})"
+        ) from None
 
 
 def _text_of(value, path: Path, field: str, where: str) -> str:
@@ -158,14 +171,20 @@ def _text_of(value, path: Path, field: str, where: str) -> str:
 
 def _read_jsonl(path: Path, field: str) -> list[str]:
     texts = []
-    with path.open(encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
+    with path.open("rb") as fh:
+        for lineno, raw in enumerate(fh, 1):
+            line = _utf8(path, raw, lineno)
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
                 raise AttrctlError(f"{path}:{lineno}: not valid JSON ({err.msg})") from None
+            except (ValueError, RecursionError) as err:  # ints past the digit limit, deep nesting
+                raise AttrctlError(
+                    f"{path}:{lineno}: not usable JSON ({type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:120]})"
+                ) from None
             if not isinstance(row, dict):
                 raise AttrctlError(f"{path}:{lineno}: expected a JSON object per line")
             if field not in row:
@@ -178,8 +197,8 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
 
 
 def _read_csv(path: Path, field: str) -> list[str]:
-    with path.open(encoding="utf-8", newline="") as fh:
-        reader = csv.DictReader(fh)
+    reader = csv.DictReader(io.StringIO(_utf8(path, path.read_bytes()), newline=""))
+    try:
         columns = reader.fieldnames or []
         if field not in columns:
             raise AttrctlError(
@@ -187,6 +206,8 @@ def _read_csv(path: Path, field: str) -> list[str]:
                 f"set `text_field:` on the source"
             )
         return [row[field] or "" for row in reader]
+    except csv.Error as err:  # a NUL byte, an overlong field, a stray quote
+        raise AttrctlError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
 def _read_parquet(path: Path, field: str) -> list[str]:
@@ -201,7 +222,10 @@ def _read_parquet(path: Path, field: str) -> list[str]:
             f"{path}: no text field {field!r} (columns: {', '.join(schema.names)}); "
             f"set `text_field:` on the source"
         )
-    column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    try:
+        column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+    except Exception as err:  # a damaged data page after a readable footer
+        raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
     return [_text_of(v, path, field, f"row {i}") for i, v in enumerate(column)]
 
 

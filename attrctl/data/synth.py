@@ -29,16 +29,25 @@ regenerates every batch that is not complete — the whole batch, so the rows it
 same batch composition and match an uninterrupted run bit for bit — appending only missing rows.
 It first checks every row against the current settings: a row with another fingerprint, or whose
 prompt is not the current text of its (prompt set, index), or written before fingerprints were
-recorded, refuses the run — appending would mix rows of two settings in one file.
+recorded, refuses the run — appending would mix rows of two settings in one file. A malformed
+row (not JSON, a field missing or of the wrong type, a row repeated) is refused too, naming its
+line.
+
+**Faults and concurrency.** A batch is appended whole or not at all: a full disk or SIGINT halfway
+through it cuts the file back to the batch before (:func:`attrctl.paths.append_durably`). One
+process writes a file at a time: ``<file>.lock`` holds the writer's pid (``flock``-ed, so a
+killed writer's lock is taken over), and a second ``synth`` into the same file refuses, naming it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +55,7 @@ from typing import Any
 from attrctl.data.prompt_sets import PromptSet, load_prompt_set
 from attrctl.data.sources import synth_path
 from attrctl.errors import AttrctlError
+from attrctl.paths import PidLock, append_durably, writing
 from attrctl.policy.schema import Policy, SynthSource
 from attrctl.sampling import row_seed, sample_continuations
 
@@ -95,37 +105,122 @@ class SynthReport:
 
 
 # ------------------------------------------------------------------------------------ the file
-def read_rows(path: str | os.PathLike, *, repair: bool = False) -> list[dict[str, Any]]:
-    """Rows of a synth jsonl file. A partially written last line (no newline) is ignored, and
-    with ``repair=True`` also cut off the file.
+#: the fields data synth writes in every row, and their JSON types (``scores``: attribute →
+#: number); a row read for its text needs only TEXT_FIELDS
+ROW_FIELDS: dict[str, type | tuple[type, ...]] = {
+    "prompt_set": str,
+    "prompt_index": int,
+    "sample": int,
+    "prompt": str,
+    "continuation": str,
+    "scores": dict,
+}
+TEXT_FIELDS = ("prompt", "continuation")
+
+
+def read_rows(
+    path: str | os.PathLike, *, repair: bool = False, required: Iterable[str] = TEXT_FIELDS
+) -> list[dict[str, Any]]:
+    """Rows of a synth (or ``samples/iter_<i>``) jsonl file. A partially written last line (no
+    newline) is ignored, and with ``repair=True`` also cut off the file.
+
+    Args:
+        required: the fields every row must have (default: the text, ``prompt`` and
+            ``continuation``; :data:`ROW_FIELDS` for everything data synth writes). Every field
+            of :data:`ROW_FIELDS` a row has must be of its type.
 
     Raises:
-        AttrctlError: a complete line is not a JSON object.
+        AttrctlError: the file cannot be read, or a complete line is not a row: not UTF-8, not
+            a JSON object, or a field missing or of the wrong type (named with its line).
     """
-    return [row for _, row in _numbered_rows(Path(path), repair=repair)]
+    path = Path(path)
+    rows, partial = _numbered_rows(path, required)
+    if repair and partial:
+        _drop_partial_line(path)
+    return [row for _, row in rows]
 
 
-def _numbered_rows(path: Path, *, repair: bool = False) -> list[tuple[int, dict[str, Any]]]:
-    """(line number, row) of each non-blank complete line; see :func:`read_rows`."""
-    data = path.read_bytes()
+def _numbered_rows(
+    path: Path, required: Iterable[str] = tuple(ROW_FIELDS)
+) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+    """(line number, row) of each non-blank complete line, and whether a partial last line
+    follows them; see :func:`read_rows`."""
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise AttrctlError(f"{path}: cannot read ({err.strerror or err})") from None
     end = data.rfind(b"\n") + 1  # bytes up to and including the last newline
-    if repair and end < len(data):
-        with path.open("r+b") as fh:
-            fh.truncate(end)
-            fh.flush()
-            os.fsync(fh.fileno())
     rows = []
-    for lineno, line in enumerate(data[:end].decode("utf-8").splitlines(), 1):
-        if not line.strip():
+    # split on b"\n" only: str.splitlines() would also split inside a row at U+2028 or U+0085,
+    # which json.dumps(ensure_ascii=False) writes unescaped when a continuation holds them
+    for lineno, raw in enumerate(data[:end].split(b"\n")[:-1], 1):
+        if not raw.strip():
             continue
         try:
-            row = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise AttrctlError(f"{path}:{lineno}: corrupt row ({err.msg})") from None
-        if not isinstance(row, dict):
-            raise AttrctlError(f"{path}:{lineno}: corrupt row (not a JSON object)")
+            row = json.loads(raw.decode("utf-8"))
+        except UnicodeDecodeError as err:
+            raise AttrctlError(
+                f"{path}:{lineno}: corrupt row (not UTF-8: {err.reason} at byte {err.start})"
+            ) from None
+        except (ValueError, RecursionError) as err:  # JSONDecodeError; ints past the digit limit
+            msg = err.msg if isinstance(err, json.JSONDecodeError) else type(err).__name__
+            raise AttrctlError(f"{path}:{lineno}: corrupt row ({msg})") from None
+        problem = _row_problem(row, required)
+        if problem:
+            raise AttrctlError(f"{path}:{lineno}: corrupt row ({problem})")
         rows.append((lineno, row))
-    return rows
+    return rows, end < len(data)
+
+
+def _row_problem(row: Any, required: Iterable[str]) -> str | None:
+    """What makes ``row`` unusable as a row, or None."""
+    if not isinstance(row, dict):
+        return "not a JSON object"
+    for name in required:
+        if name not in row:
+            return f"no `{name}`"
+    for name, kind in ROW_FIELDS.items():
+        if name not in row:
+            continue
+        value = row[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            return f"`{name}` is {_json_type(value)}, not {_json_type(kind())}"
+        if kind is int and value < 0:
+            return f"`{name}` is negative"
+    for name, value in row.get("scores", {}).items():
+        if not _is_number(value):
+            return f"`scores.{name}` is {_json_type(value)}, not a finite number"
+    return None
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _json_type(value: Any) -> str:
+    names = {str: "text", int: "an integer", float: "a number", dict: "an object",
+             list: "a list", bool: "true/false", type(None): "null"}  # fmt: skip
+    return names.get(type(value), type(value).__name__)
+
+
+def _drop_partial_line(path: Path) -> None:
+    """Cut a partially written last line (a kill mid-append) off ``path``."""
+    with writing(path), path.open("r+b") as fh:
+        data_end = fh.seek(0, os.SEEK_END)
+        step = min(data_end, 1 << 20)
+        # find the last newline from the end, a MiB at a time
+        pos, keep = data_end, 0
+        while pos > 0:
+            pos = max(0, pos - step)
+            fh.seek(pos)
+            chunk = fh.read(min(step, data_end - pos))
+            idx = chunk.rfind(b"\n")
+            if idx >= 0:
+                keep = pos + idx + 1
+                break
+        fh.truncate(keep)
+        fh.flush()
+        os.fsync(fh.fileno())
 
 
 # ----------------------------------------------------------------------------- the fingerprint
@@ -320,57 +415,111 @@ def synthesize(
 
     model_spec = model if isinstance(model, str) else getattr(model, "spec", None) or policy.model
     stamp = _stamp(row_settings(policy, source, model_spec))
-    numbered: list[tuple[int, dict]] = []
-    if out.exists():
-        size = out.stat().st_size
-        numbered = _numbered_rows(out, repair=True)
-        report.dropped_partial_line = out.stat().st_size < size
-        # every row, not only the wanted ones: the file is one data set, whatever --limit says
-        _check_compatible(out, numbered, stamp, {ps.name: ps.prompts for ps in sets})
-    existing = [row for _, row in numbered]
-    out.parent.mkdir(parents=True, exist_ok=True)
-
-    done = {(r.get("prompt_set"), r.get("prompt_index"), r.get("sample")) for r in existing}
-    wanted = {it.key for it in items}
-    batches = [items[i : i + source.batch_size] for i in range(0, len(items), source.batch_size)]
-    todo = [b for b in batches if any(it.key not in done for it in b)]
-
-    rows = [
-        r
-        for r in existing
-        if (r.get("prompt_set"), r.get("prompt_index"), r.get("sample")) in wanted
-    ]
+    prompts = {ps.name: ps.prompts for ps in sets}
+    numbered, partial = _read_existing(out, stamp, prompts)
+    todo = _todo(numbered, items, source)
+    lock = None
     if todo:
-        compiled = compile_policy(policy)
-        loaded = _load(model if model is not None else policy.model)
-        bar = tqdm(
-            total=len(items),
-            initial=len(items) - sum(it.key not in done for b in todo for it in b),
-            unit="row",
-            desc=f"synth {out.name}",
-            file=sys.stderr,
-            disable=not progress,
-            dynamic_ncols=True,
-        )
-        start = time.perf_counter()
-        with bar, out.open("a", encoding="utf-8") as fh:
-            for n_batch, batch in enumerate(todo):
-                if stop_after is not None and n_batch >= stop_after:
-                    break
-                new = _run_batch(batch, done, loaded, compiled, policy, source, stamp)
-                fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new))
-                fh.flush()
-                os.fsync(fh.fileno())  # a batch is on disk before the next one starts
-                rows.extend(new)
-                report.rows_written += len(new)
-                report.new_tokens += sum(r["new_tokens"] for r in new)
-                report.seconds = time.perf_counter() - start
-                bar.update(len(new))
-                bar.set_postfix_str(f"{report.tokens_per_s:.0f} tok/s")
+        # One writer per file: take its lock, then read it again as it is now that nobody else
+        # can append (another process may have finished it meanwhile).
+        lock = PidLock(out.with_name(out.name + ".lock"), what=str(out)).acquire()
+    try:
+        if lock is not None:
+            numbered, partial = _read_existing(out, stamp, prompts)
+            todo = _todo(numbered, items, source)
+        existing = [row for _, row in numbered]
+        done = {_key(r) for r in existing}
+        wanted = {it.key for it in items}
+        rows = [r for r in existing if _key(r) in wanted]
+        if todo:
+            compiled = compile_policy(policy)
+            loaded = _load(model if model is not None else policy.model)
+            bar = tqdm(
+                total=len(items),
+                initial=len(items) - sum(it.key not in done for b in todo for it in b),
+                unit="row",
+                desc=f"synth {out.name}",
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+            )
+            start = time.perf_counter()
+            with writing(out):
+                out.parent.mkdir(parents=True, exist_ok=True)
+            fh = None
+            try:
+                with bar:
+                    for n_batch, batch in enumerate(todo):
+                        if stop_after is not None and n_batch >= stop_after:
+                            break
+                        new = _run_batch(batch, done, loaded, compiled, policy, source, stamp)
+                        if fh is None:  # the first append: cut a line a kill left half written
+                            if partial:
+                                _drop_partial_line(out)
+                                report.dropped_partial_line = True
+                            with writing(out):
+                                fh = out.open("ab", buffering=0)
+                        data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in new)
+                        # whole batches only: a full disk or SIGINT mid-batch leaves the file as
+                        # it was before the batch, and a rerun continues from there
+                        append_durably(fh, out, data.encode("utf-8"))
+                        rows.extend(new)
+                        report.rows_written += len(new)
+                        report.new_tokens += sum(r["new_tokens"] for r in new)
+                        report.seconds = time.perf_counter() - start
+                        bar.update(len(new))
+                        bar.set_postfix_str(f"{report.tokens_per_s:.0f} tok/s")
+            finally:
+                if fh is not None:
+                    fh.close()
+    finally:
+        if lock is not None:
+            lock.release()
     report.rows_total = len(rows)
-    report.complete = {(r["prompt_set"], r["prompt_index"], r["sample"]) for r in rows} >= wanted
+    report.complete = {_key(r) for r in rows} >= wanted
     report.per_set = _stats(rows, policy)
     return report
+
+
+def _key(row: dict[str, Any]) -> tuple[str, int, int]:
+    return (row["prompt_set"], row["prompt_index"], row["sample"])
+
+
+def _read_existing(
+    out: Path, stamp: dict[str, Any], prompts: dict[str, tuple[str, ...]]
+) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
+    """The rows already in ``out`` (none if it does not exist), checked: each a well-formed row
+    made under ``stamp`` from the current text of its prompt, none repeated. Also whether a
+    partial last line follows them."""
+    try:
+        if not out.exists():
+            return [], False
+    except OSError as err:
+        raise AttrctlError(f"{out}: cannot read ({err.strerror or err})") from None
+    numbered, partial = _numbered_rows(out)
+    seen: dict[tuple, int] = {}
+    for lineno, row in numbered:
+        if not _is_number(row.get("score")):
+            raise AttrctlError(f"{out}:{lineno}: corrupt row (`score` is not a finite number)")
+        first = seen.setdefault(_key(row), lineno)
+        if first != lineno:
+            raise AttrctlError(
+                f"{out}:{lineno}: the row repeats line {first} (prompt set "
+                f"{Path(row['prompt_set']).name!r}, prompt {row['prompt_index']}, sample "
+                f"{row['sample']}); delete one of them"
+            )
+    # every row, not only the wanted ones: the file is one data set, whatever --limit says
+    _check_compatible(out, numbered, stamp, prompts)
+    return numbered, partial
+
+
+def _todo(
+    numbered: list[tuple[int, dict[str, Any]]], items: list[WorkItem], source: SynthSource
+) -> list[list[WorkItem]]:
+    """The batches of the work list that are not complete in the file."""
+    done = {_key(row) for _, row in numbered}
+    batches = [items[i : i + source.batch_size] for i in range(0, len(items), source.batch_size)]
+    return [b for b in batches if any(it.key not in done for it in b)]
 
 
 def _load(model: Any):

@@ -17,12 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 from pydantic import BaseModel, ValidationError
 
 from attrctl.errors import AttrctlError
 from attrctl.oracles import build_oracle, oracle_kinds
 from attrctl.oracles.base import Oracle
+from attrctl.strict_yaml import YAMLProblem, load_yaml
 
 __all__ = ["ScoreResult", "oracle_spec", "parse_params", "read_texts", "score_texts"]
 
@@ -86,8 +86,8 @@ def parse_params(items: Sequence[str]) -> dict[str, Any]:
         if not sep or not key:
             raise AttrctlError(f"--param {item!r}: expected KEY=VALUE, e.g. reduce=mean")
         try:
-            params[key] = yaml.safe_load(raw) if raw.strip() else None
-        except yaml.YAMLError as err:
+            params[key] = load_yaml(raw)[0] if raw.strip() else None
+        except YAMLProblem as err:
             raise AttrctlError(f"--param {item!r}: the value is not valid YAML: {err}") from None
     return params
 

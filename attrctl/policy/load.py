@@ -2,12 +2,16 @@
 
 Every problem is reported as a :class:`~attrctl.errors.PolicyError` naming the file, the field
 path (``attributes[0].oracle.kind``), the line in the file where it can be found, and — for a
-misspelt key — the closest valid key.
+misspelt key — the closest valid key. Files are read strictly (:mod:`attrctl.strict_yaml`): a
+key written twice is an error naming both lines, and a file over 1 MiB, nested too deeply or
+expanding its aliases too far is refused rather than parsed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import re
 from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
@@ -18,8 +22,11 @@ from pydantic import BaseModel, ValidationError
 
 from attrctl.errors import PolicyError
 from attrctl.policy.schema import Policy
+from attrctl.strict_yaml import YAMLProblem, load_yaml
 
 POLICY_SUFFIXES = (".yaml", ".yml")
+MAX_POLICY_BYTES = 2**20  # a policy is a few KiB; a bigger file is almost surely the wrong one
+MAX_PROBLEMS = 50  # problems listed per file; a file of 80,000 unknown keys gets a count
 
 
 # ---------------------------------------------------------------------------- finding a policy
@@ -34,14 +41,19 @@ def bundled_policy_names() -> list[str]:
 
 def resolve_policy_ref(ref: str | Path) -> Path:
     """A bundled policy name (``toxicity``) or a path → the policy file's path."""
-    path = Path(ref).expanduser()
-    if path.suffix in POLICY_SUFFIXES or path.exists() or len(path.parts) > 1:
-        if not path.is_file():
+    try:
+        path = Path(ref).expanduser()
+        is_path = path.suffix in POLICY_SUFFIXES or path.exists() or len(path.parts) > 1
+        if is_path and not path.is_file():
             raise PolicyError(str(ref), ["file not found" if not path.exists() else "not a file"])
+    except (OSError, RuntimeError, ValueError) as err:  # a name too long, ~nobody, a NUL byte
+        raise PolicyError(str(ref), [f"not a usable file name ({err})"]) from None
+    if is_path:
         return path
     bundled = bundled_policies_dir() / f"{ref}.yaml"
-    if bundled.is_file():
-        return bundled
+    with contextlib.suppress(OSError):
+        if bundled.is_file():
+            return bundled
     names = bundled_policy_names()
     close = difflib.get_close_matches(str(ref), names, n=1)
     hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -57,21 +69,28 @@ def resolve_policy_ref(ref: str | Path) -> Path:
 # ------------------------------------------------------------------------------------- reading
 def _read_yaml(path: Path) -> tuple[Any, yaml.Node | None]:
     try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError as err:
-        raise PolicyError(
-            str(path), [f"not UTF-8 text ({err.reason} at byte {err.start})"]
-        ) from None
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_POLICY_BYTES + 1)
     except OSError as err:
-        raise PolicyError(str(path), [f"cannot read: {err.strerror}"]) from None
+        raise PolicyError(str(path), [f"cannot read: {err.strerror or err}"]) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(
+            str(path),
+            [f"the file is larger than {MAX_POLICY_BYTES // 2**20} MiB; a policy is a short "
+             "YAML file (is this the right file?)"],
+        )  # fmt: skip
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(err, "problem", None) or str(err)
-        raise PolicyError(str(path), [f"malformed YAML: {where}{problem}"]) from None
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise PolicyError(
+            str(path), [f"not UTF-8 text ({err.reason} at byte {err.start}, line {line})"]
+        ) from None
+    try:
+        data, node = load_yaml(text)
+    except YAMLProblem as err:
+        prefix = "malformed YAML: " if err.kind == "syntax" else ""
+        raise PolicyError(str(path), [f"{prefix}{err}"]) from None
     if data is None:
         raise PolicyError(str(path), ["the file is empty; a policy is a YAML mapping"])
     if not isinstance(data, dict):
@@ -93,14 +112,16 @@ def parse_override(text: str, source: str = "") -> tuple[list[str | int], Any]:
     for part in key.split("."):
         if not part:
             raise PolicyError(label, [f"empty component in key {key!r}"])
-        parts.append(int(part) if part.isdigit() else part)
+        # ASCII digits only: '²'.isdigit() is true but int('²') fails; an index is short
+        index = part.isascii() and part.isdigit() and len(part) <= 9
+        parts.append(int(part) if index else part)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at column {mark.column + 1}" if mark else ""
-        problem = getattr(err, "problem", None) or "cannot be parsed"
-        raise PolicyError(label, [f"value {raw!r} is not valid YAML{where}: {problem}"]) from None
+        value = load_yaml(raw)[0] if raw.strip() else None
+    except YAMLProblem as err:
+        where = f" at column {err.column}" if err.column is not None else ""
+        raise PolicyError(
+            label, [f"value {_short(raw, 60)} is not valid YAML{where}: {err.problem}"]
+        ) from None
     return parts, value
 
 
@@ -121,7 +142,10 @@ def apply_override(data: dict[str, Any], text: str, source: str = "") -> None:
             if not isinstance(part, int) or part >= len(node):
                 raise PolicyError(
                     label,
-                    [f"{_dotted(path[:i])} has {len(node)} item(s); index {part} is out of range"],
+                    [
+                        f"{_dotted(path[:i])} has {len(node)} item(s); index "
+                        f"{_short(part, 40)} is out of range"
+                    ],
                 )
             node = node[part]
         elif isinstance(node, dict):
@@ -135,7 +159,10 @@ def apply_override(data: dict[str, Any], text: str, source: str = "") -> None:
         if not isinstance(last, int) or last >= len(node):
             raise PolicyError(
                 label,
-                [f"{_dotted(path[:-1])} has {len(node)} item(s); index {last} is out of range"],
+                [
+                    f"{_dotted(path[:-1])} has {len(node)} item(s); index "
+                    f"{_short(last, 40)} is out of range"
+                ],
             )
         node[last] = value
     elif isinstance(node, dict):
@@ -177,7 +204,10 @@ def validate_policy(
         policy = Policy.model_validate(data, context={"base_dir": base_dir})
     except ValidationError as err:
         set_paths = {text: parse_override(text)[0] for text in overrides}
-        problems = [_describe(e, data, node, set_paths) for e in err.errors()]
+        errors = err.errors()
+        problems = [_describe(e, data, node, set_paths) for e in errors[:MAX_PROBLEMS]]
+        if len(errors) > MAX_PROBLEMS:
+            problems.append(f"... and {len(errors) - MAX_PROBLEMS} more problems")
         label = f"{source} (with --set overrides)" if overrides else str(source)
         raise PolicyError(label, problems) from None
     policy._source_path = source.resolve()
@@ -187,8 +217,15 @@ def validate_policy(
 def _dotted(loc: Sequence[str | int]) -> str:
     out = ""
     for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, str) and not _PLAIN_KEY.match(part):
+            part = _short(part, 40)  # a key with spaces, newlines or 10,000 characters
+            out += f"[{part}]"
+        else:
+            out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
     return out or "(top level)"
+
+
+_PLAIN_KEY = re.compile(r"^[A-Za-z0-9_-]{1,60}$")
 
 
 def _clean_loc(loc: Sequence[str | int], data: Any) -> list[str | int]:
@@ -314,12 +351,12 @@ def _describe(
         close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
         allowed = f" Valid keys here: {', '.join(valid)}." if valid else ""
-        return f"{where}{at}: unknown key {loc[-1]!r}{hint}{allowed}"
+        return f"{where}{at}: unknown key {_short(loc[-1], 60)}{hint}{allowed}"
     if kind == "missing":
         return f"{where}{at}: required field is missing"
     if kind in ("literal_error", "enum"):
         expected = err.get("ctx", {}).get("expected", "")
-        return f"{where}{at}: {err['input']!r} is not allowed; allowed values: {expected}"
+        return f"{where}{at}: {_short(err['input'])} is not allowed; allowed values: {expected}"
     if kind == "union_tag_invalid":
         ctx = err.get("ctx", {})
         return (
@@ -330,5 +367,15 @@ def _describe(
         return f"{where}{at}: `kind` is missing; it selects which kind of entry this is"
     msg = err["msg"].removeprefix("Value error, ")
     given = err.get("input")
-    shown = "" if isinstance(given, (dict, list)) or kind == "value_error" else f" (got {given!r})"
+    shown = (
+        ""
+        if isinstance(given, (dict, list)) or kind == "value_error"
+        else f" (got {_short(given)})"
+    )
     return f"{where}{at}: {msg}{shown}"
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a 1 MiB string must not become the message)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"

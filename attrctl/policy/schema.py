@@ -31,7 +31,7 @@ from attrctl.oracles.specs import (
     RegexSpec,
     VaderSpec,
 )
-from attrctl.strict import InputPath, StrictModel, base_dir_of
+from attrctl.strict import InputPath, StrictModel, path_test, resolved, user_path
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
 BUNDLED_CORPORA = ("shakespeare",)
@@ -81,7 +81,7 @@ class PluginOracleSpec(StrictModel):
 
 def _oracle_tag(value: Any) -> str:
     kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return kind if kind in BUILTIN_SPECS else "plugin"
+    return kind if isinstance(kind, str) and kind in BUILTIN_SPECS else "plugin"  # kind: []
 
 
 OracleSpec = Annotated[
@@ -179,15 +179,13 @@ class _PromptSampling(StrictModel):
             if item in BUNDLED_PROMPT_SETS:
                 out.append(item)
                 continue
-            path = Path(item).expanduser()
-            if not path.is_absolute():
-                path = base_dir_of(info) / path
-            if not path.exists():
+            path = user_path(item, info)
+            if not path_test(path):
                 raise ValueError(
                     f"prompt set {item!r} is neither a bundled set "
                     f"({', '.join(BUNDLED_PROMPT_SETS)}) nor an existing file ({path})"
                 )
-            out.append(str(path.resolve()))
+            out.append(str(resolved(path)))
         return out
 
 
@@ -475,7 +473,9 @@ class Policy(StrictModel):
     output_dir: str | None = Field(
         None, description="Run directory, relative to the working directory; default `runs/<name>`."
     )
-    seed: int = Field(0, ge=0, description="Seed for sampling, data order and initialisation.")
+    seed: int = Field(
+        0, ge=0, lt=2**32, description="Seed for sampling, data order and initialisation."
+    )
 
     _source_path: Path | None = PrivateAttr(None)
 
@@ -545,10 +545,8 @@ def _validate_model_spec(v: str, info: ValidationInfo) -> str:
     if v == "tiny-random":
         return v
     if v.startswith(("./", "../", "/", "~")):
-        path = Path(v).expanduser()
-        if not path.is_absolute():
-            path = base_dir_of(info) / path
-        if not path.is_dir():
-            raise ValueError(f"local model folder does not exist: {path.resolve()}")
-        return str(path.resolve())
+        path = user_path(v, info)
+        if not path_test(path, "is_dir"):
+            raise ValueError(f"local model folder does not exist: {resolved(path)}")
+        return str(resolved(path))
     return v  # a hub id; checked when loaded

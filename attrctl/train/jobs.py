@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attrctl.data.synth import read_rows, synth_source_of, work_items
+from attrctl.data.synth import ROW_FIELDS, read_rows, synth_source_of, work_items
 from attrctl.errors import AttrctlError
 from attrctl.heads import forward_with_tap
 from attrctl.losses import head_fit_loss
@@ -87,7 +87,7 @@ def sample_job(ctx: TrainContext, i: int) -> dict[str, Any]:
     rows: list[dict] | None = None
     if reuse is not None:
         by_key = {(Path(r["prompt_set"]).name, r["prompt_index"], r["sample"]): r
-                  for r in read_rows(reuse)}  # fmt: skip
+                  for r in read_rows(reuse, required=ROW_FIELDS)}  # fmt: skip
         keys = [(Path(it.prompt_set).name, it.prompt_index, it.sample) for it in items]
         if all(k in by_key for k in keys):
             rows = [_sample_row(by_key[k], ctx) for k in keys]
@@ -245,7 +245,7 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
             save_heads(heads, ctx.run.heads(i), meta)
         return {"iteration": i, "fitted": False, "seconds": round(time.perf_counter() - start, 3)}
 
-    rows = read_rows(ctx.run.samples(sample_index))
+    rows = read_rows(ctx.run.samples(sample_index), required=ROW_FIELDS)
     if not rows:
         raise AttrctlError(f"{ctx.run.samples(sample_index)}: no samples to fit heads on")
     model, tok = load_theta(ctx, sample_index, "fit")

@@ -47,6 +47,8 @@ from attrctl.train.weights import (
     trainable_state,
 )
 
+CHECKPOINT_VERSION = 1  # the layout _checkpoint writes; _restore refuses any other
+
 
 class _LMForward(torch.nn.Module):
     """The LLM's decoder forward with taps: the module DDP wraps, so gradient averaging hooks see
@@ -147,7 +149,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
 
     # --- resume from this job's checkpoint, if a killed run left one
     step = _restore(ctx, i, model, opt)
-    if step:
+    if ctx.writer:  # steps logged past the checkpoint (or, without one, at all) are redone
         run.drop_metrics_after(job, step)
     first_batch = (i - 1) * ft.steps * ft.grad_accum  # each iteration continues the data stream
     batches = mixture.batches(
@@ -257,29 +259,59 @@ def _checkpoint(ctx: TrainContext, i: int, model: Any, opt, step: int) -> None:
         save_file(trainable_state(model), str(tmp / TRAINABLE))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        state = {"iteration": i, "step": step, "optimizer": rest,
+        state = {"iteration": i, "step": step, "optimizer": rest, "version": CHECKPOINT_VERSION,
                  "data_position": step * ctx.policy.finetune.grad_accum}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
 
 
 def _restore(ctx: TrainContext, i: int, model: Any, opt) -> int:
     """Load the fine-tune's checkpoint if there is one; returns the step to continue from."""
+    from attrctl.train.rundir import read_json
+
     folder = ctx.run.checkpoint(i)
     if not (folder / "state.json").exists():
         return 0
+    restart = f"delete {folder} to restart this iteration's fine-tune from its start"
+    state = read_json(folder / "state.json", "checkpoint state")
     try:
-        state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
-        step = int(state["step"])
-        rest = state["optimizer"]
-    except (ValueError, KeyError, TypeError) as err:
+        step, rest = state["step"], state["optimizer"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise TypeError(f"step is {step!r}")
+        if not isinstance(rest, dict):
+            raise TypeError("optimizer is not a mapping")
+    except (KeyError, TypeError) as err:
         raise AttrctlError(
-            f"{folder / 'state.json'}: checkpoint state is corrupt ({err}); delete {folder} to "
-            "restart this iteration's fine-tune from its start"
+            f"{folder / 'state.json'}: checkpoint state is corrupt ({err}); {restart}"
         ) from None
+    version = state.get("version", 1)  # checkpoints from before versions were recorded are 1
+    if version != CHECKPOINT_VERSION:
+        raise AttrctlError(
+            f"{folder / 'state.json'}: checkpoint format version {version!r}; this attrctl reads "
+            f"version {CHECKPOINT_VERSION} (made by another attrctl version?); {restart}"
+        )
+    if step >= ctx.policy.finetune.steps:
+        raise AttrctlError(
+            f"{folder / 'state.json'}: the checkpoint is at step {step}, but this fine-tune has "
+            f"{ctx.policy.finetune.steps} steps (another policy's checkpoint?); {restart}"
+        )
     load_trainable(model, folder)
     try:
         load_optimizer(opt, read_safetensors(folder / "optimizer.safetensors", "optimizer"), rest)
     except (ValueError, KeyError, RuntimeError) as err:
-        raise AttrctlError(f"{folder}: optimizer state does not match the model ({err})") from None
-    torch.set_rng_state(read_safetensors(folder / "rng.safetensors", "RNG state")["cpu"])
+        raise AttrctlError(
+            f"{folder}: optimizer state does not match the model ({err}); {restart}"
+        ) from None
+    rng = read_safetensors(folder / "rng.safetensors", "RNG state").get("cpu")
+    try:
+        if rng is None:
+            raise ValueError("no 'cpu' tensor")
+        torch.set_rng_state(rng)
+    except (RuntimeError, TypeError, ValueError) as err:
+        raise AttrctlError(
+            f"{folder / 'rng.safetensors'}: not a CPU RNG state ({_first_line(err)}); {restart}"
+        ) from None
     return step
+
+
+def _first_line(err: BaseException) -> str:
+    return (str(err) or type(err).__name__).splitlines()[0][:200]

@@ -5,7 +5,8 @@ Layout (``runs/<policy>/`` by default)::
     policy.yaml                  the resolved policy (every default filled in)
     run.json                     policy fingerprint, seed, threads, attrctl/torch versions
     state.json                   the manifest: every published job and its outputs (written last)
-    lock                         pid of the process writing here (refuses a second writer)
+    lock                         pid of the process writing here, flock-ed by it (refuses a
+                                 second writer; a killed writer's lock is taken over)
     samples/iter_<i>.jsonl       S_i: continuations of the regularizer prompts from θ_i, labelled
     heads/iter_<i>/              R_i: heads.safetensors + heads.json (spec, tap, fit metrics)
     model/iter_<i>/              θ_i: trainable.safetensors (the weights that train; the rest is
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from attrctl.errors import AttrctlError
-from attrctl.paths import atomic_write
+from attrctl.paths import PidLock, append_durably, atomic_write, writing
 
 STATE_VERSION = 1
 
@@ -49,13 +50,31 @@ def write_json(path: Path, data: Any) -> None:
         fh.write("\n")
 
 
+MAX_JSON_BYTES = 64 * 2**20  # run.json / state.json are a few KiB; a bigger one is not ours
+
+
 def read_json(path: Path, what: str) -> Any:
+    """A small JSON file of a run directory, or an error naming it (missing, unreadable, too big,
+    not UTF-8, not JSON, nested too deeply)."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        with path.open("rb") as fh:
+            raw = fh.read(MAX_JSON_BYTES + 1)
     except FileNotFoundError:
         raise AttrctlError(f"{path}: {what} is missing") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise AttrctlError(f"{path}: {what} is corrupt ({err})") from None
+    except OSError as err:
+        raise AttrctlError(f"{path}: cannot read {what} ({err.strerror or err})") from None
+    if len(raw) > MAX_JSON_BYTES:
+        raise AttrctlError(f"{path}: {what} is corrupt (larger than {MAX_JSON_BYTES >> 20} MiB)")
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        # ValueError: JSONDecodeError, and ints past Python's digit limit
+        raise AttrctlError(f"{path}: {what} is corrupt ({_first_line(err)})") from None
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err) or type(err).__name__
+    return text.splitlines()[0][:200]
 
 
 class RunDir:
@@ -63,6 +82,7 @@ class RunDir:
 
     def __init__(self, root: str | os.PathLike):
         self.root = Path(root)
+        self._lock_handle: PidLock | None = None
 
     # ---------------------------------------------------------------------------- paths
     def samples(self, i: int) -> Path:
@@ -92,6 +112,18 @@ class RunDir:
         state = read_json(self.state_path, "the run manifest")
         if not isinstance(state, dict) or not isinstance(state.get("jobs"), dict):
             raise AttrctlError(f"{self.state_path}: the run manifest is corrupt (no 'jobs')")
+        version = state.get("version", STATE_VERSION)
+        if version != STATE_VERSION:
+            raise AttrctlError(
+                f"{self.state_path}: the run manifest has format version {version!r}; this "
+                f"attrctl reads version {STATE_VERSION} (was the run made by another attrctl "
+                "version?)"
+            )
+        bad = [job for job, rec in state["jobs"].items() if not isinstance(rec, dict)]
+        if bad:
+            raise AttrctlError(
+                f"{self.state_path}: the run manifest is corrupt (job {bad[0]!r} is not a record)"
+            )
         return state
 
     def done(self, job: str) -> dict[str, Any] | None:
@@ -106,34 +138,46 @@ class RunDir:
 
     # ---------------------------------------------------------------------------- metrics
     def log(self, record: dict[str, Any]) -> None:
-        """Append one metrics record (fsynced: a killed run keeps every line it logged)."""
-        self.metrics.parent.mkdir(parents=True, exist_ok=True)
-        with self.metrics.open("a", encoding="utf-8") as fh:
-            fh.write(json.dumps(record, sort_keys=True) + "\n")
-            fh.flush()
-            os.fsync(fh.fileno())
+        """Append one metrics record (fsynced: a killed run keeps every line it logged). A line
+        cut short by a kill stays a line of its own (skipped when read) instead of swallowing the
+        next record."""
+        line = (json.dumps(record, sort_keys=True) + "\n").encode("utf-8")
+        with writing(self.metrics):
+            self.metrics.parent.mkdir(parents=True, exist_ok=True)
+            fh = self.metrics.open("a+b", buffering=0)  # a+: pread needs read access
+        with fh:
+            size = os.fstat(fh.fileno()).st_size
+            if size and os.pread(fh.fileno(), 1, size - 1) != b"\n":
+                line = b"\n" + line
+            append_durably(fh, self.metrics, line)
 
     def read_metrics(self) -> list[dict[str, Any]]:
-        if not self.metrics.exists():
+        """Every record of ``metrics.jsonl``; a line that is not a JSON object (cut short by a
+        kill, damaged) is skipped."""
+        try:
+            raw = self.metrics.read_bytes()
+        except FileNotFoundError:
             return []
+        except OSError as err:
+            raise AttrctlError(f"{self.metrics}: cannot read ({err.strerror or err})") from None
         out = []
-        for line in self.metrics.read_text(encoding="utf-8").splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rec = json.loads(line)
+        for line in raw.splitlines():
+            with contextlib.suppress(ValueError, UnicodeDecodeError, RecursionError):
+                rec = json.loads(line.decode("utf-8"))
                 if isinstance(rec, dict):
                     out.append(rec)
         return out
 
     def drop_metrics_after(self, job: str, step: int) -> None:
         """Forget step records of ``job`` past ``step`` (logged after the checkpoint a resumed
-        run restarts from; the resumed run logs them again)."""
+        run restarts from — or by a run stopped before its first checkpoint, ``step`` 0; the
+        resumed run logs them again). Rewrites the file only when there is something to drop."""
         if not self.metrics.exists():
             return
-        keep = [
-            r
-            for r in self.read_metrics()
-            if not (r.get("job") == job and r.get("kind") == "step" and r.get("step", 0) > step)
-        ]
+        records = self.read_metrics()
+        keep = [r for r in records if not _after(r, job, step)]
+        if len(keep) == len(records):
+            return
         with atomic_write(self.metrics) as fh:
             fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
 
@@ -144,50 +188,51 @@ class RunDir:
         A fresh run into a folder that already holds a run of the *same* policy continues it
         (as ``--resume`` would); one that holds another policy's run is refused untouched.
         """
-        self.root.mkdir(parents=True, exist_ok=True)
+        if self.root.exists() and not self.root.is_dir():
+            raise AttrctlError(f"{self.root}: not a folder; pass another --out")
+        with writing(self.root):
+            self.root.mkdir(parents=True, exist_ok=True)
         fp = policy_fingerprint(policy_yaml)
         run_json = self.root / "run.json"
-        if run_json.exists():
-            info = read_json(run_json, "run.json")
-            theirs = info.get("policy_fingerprint") if isinstance(info, dict) else None
-            if theirs != fp:
-                name = info.get("policy_name", "?") if isinstance(info, dict) else "?"
-                raise AttrctlError(
-                    f"{self.root} holds a run of another policy ({name!r}, fingerprint {theirs}; "
-                    f"this one is {fp}). Nothing was changed: pass another --out, or delete the "
-                    "folder to start over"
-                )
-        elif resume:
-            raise AttrctlError(f"{self.root}: no run to resume here (run.json is missing)")
-        elif any(p.name not in ("lock", "data") for p in self.root.iterdir()):
-            raise AttrctlError(
-                f"{self.root} is not empty and holds no attrctl run; nothing was changed: pass "
-                "another --out"
-            )
-        self._lock()
         if not run_json.exists():
-            write_json(run_json, {"policy_fingerprint": fp, **(meta or {})})
+            if resume:
+                raise AttrctlError(f"{self.root}: no run to resume here (run.json is missing)")
+            if any(p.name not in ("lock", "data") for p in self.root.iterdir()):
+                raise AttrctlError(
+                    f"{self.root} is not empty and holds no attrctl run; nothing was changed: "
+                    "pass another --out"
+                )
+        # One writer at a time: the lock is taken atomically (flock) before anything is written
+        # and before the run is read for real, so two `train` processes cannot both pass.
+        self._lock()
+        try:
+            if run_json.exists():
+                info = read_json(run_json, "run.json")
+                theirs = info.get("policy_fingerprint") if isinstance(info, dict) else None
+                if theirs != fp:
+                    name = info.get("policy_name", "?") if isinstance(info, dict) else "?"
+                    raise AttrctlError(
+                        f"{self.root} holds a run of another policy ({name!r}, fingerprint "
+                        f"{theirs}; this one is {fp}). Nothing was changed: pass another --out, "
+                        "or delete the folder to start over"
+                    )
+            else:
+                write_json(run_json, {"policy_fingerprint": fp, **(meta or {})})
+        except BaseException:
+            self.release()
+            raise
 
     def _lock(self) -> None:
-        lock = self.root / "lock"
-        if lock.exists():
-            try:
-                pid = int(lock.read_text().strip() or 0)
-            except (ValueError, OSError):
-                pid = 0
-            if pid and pid != os.getpid() and _alive(pid):
-                raise AttrctlError(
-                    f"{self.root} is in use by process {pid} (lock file {lock}); wait for it or "
-                    "stop it"
-                )
-        with atomic_write(lock) as fh:
-            fh.write(f"{os.getpid()}\n")
+        """Take ``<root>/lock`` (see :class:`attrctl.paths.PidLock`): refuses while another live
+        process holds it, naming its pid; a lock left by a killed process is taken over."""
+        if self._lock_handle is None:
+            self._lock_handle = PidLock(self.root / "lock", what=str(self.root))
+        self._lock_handle.acquire()
 
     def release(self) -> None:
-        lock = self.root / "lock"
-        with contextlib.suppress(OSError, ValueError):
-            if int(lock.read_text().strip()) == os.getpid():
-                lock.unlink()
+        """Give the directory up (deletes the lock file). Idempotent."""
+        if self._lock_handle is not None:
+            self._lock_handle.release()
 
 
 @dataclass(frozen=True)
@@ -241,21 +286,29 @@ def open_finished_run(path: str | os.PathLike) -> FinishedRun:
             f"attrctl train --resume {root}"
         )
     fitted = [
-        rec.get("iteration", int(job.split("/")[1]))
+        _iteration(job, rec)
         for job, rec in state["jobs"].items()
-        if job.startswith("fit/") and isinstance(rec, dict) and rec.get("fitted")
+        if job.startswith("fit/") and rec.get("fitted")
     ]
+    if None in fitted:
+        raise AttrctlError(f"{run.state_path}: the run manifest is corrupt (a fit job's iteration)")
     heads = run.heads(max(fitted)) if fitted else None
     if heads is not None and not (heads / "heads.safetensors").is_file():
         raise AttrctlError(f"{heads}: the manifest lists these heads but their weights are missing")
     return FinishedRun(root, root / "policy.yaml", final, heads, state)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+def _iteration(job: str, rec: dict[str, Any]) -> int | None:
+    """The iteration of a manifest record (``fit/2`` → 2), or None when it is not a count."""
+    value = rec.get("iteration", job.partition("/")[2])
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) < 10:
+        value = int(value)
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _after(rec: dict[str, Any], job: str, step: int) -> bool:
+    """Whether ``rec`` is a step record of ``job`` past ``step``."""
+    if rec.get("job") != job or rec.get("kind") != "step":
         return False
-    except PermissionError:
-        return True
-    return True
+    n = rec.get("step", 0)
+    return isinstance(n, (int, float)) and n > step

@@ -29,6 +29,7 @@ from typing import Any
 import yaml
 
 from attrctl.errors import AttrctlError, Interrupted
+from attrctl.paths import atomic_write
 from attrctl.policy.compile import CompiledPolicy, compile_policy
 from attrctl.policy.schema import Policy
 from attrctl.policy.show import resolved_dict
@@ -89,12 +90,16 @@ def train(
             fingerprint_text(policy), resume=resume,
             meta={"policy_name": policy.name, "seed": policy.seed, "world": world},
         )  # fmt: skip
-        write_json(root / "policy.json", resolved_dict(policy))
-        (root / "policy.yaml").write_text(
-            yaml.safe_dump(resolved_dict(policy), sort_keys=False, allow_unicode=True)
-        )
-    ctx = TrainContext(compiled=compile_policy(policy), run=run, rank=rank, world=world,
-                       progress=progress)  # fmt: skip
+    try:  # a failure before the main try below must still give the run directory up
+        if rank == 0:
+            write_json(root / "policy.json", resolved_dict(policy))
+            with atomic_write(root / "policy.yaml") as fh:  # a resume reads it: never half of it
+                yaml.safe_dump(resolved_dict(policy), fh, sort_keys=False, allow_unicode=True)
+        ctx = TrainContext(compiled=compile_policy(policy), run=run, rank=rank, world=world,
+                           progress=progress)  # fmt: skip
+    except BaseException:
+        run.release()
+        raise
     handlers = StopRequest.install()
     try:
         _prepare_data(ctx)

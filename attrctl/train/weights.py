@@ -139,7 +139,12 @@ def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> tor
             )
         meta_path = folder / "heads.json"
         names = [a.name for a in compiled.attributes]
-        saved = json.loads(meta_path.read_text()).get("attributes") if meta_path.exists() else None
+        saved = None
+        if meta_path.exists():
+            from attrctl.train.rundir import read_json
+
+            meta = read_json(meta_path, "the heads' metadata")
+            saved = meta.get("attributes") if isinstance(meta, dict) else None
         if saved is not None and saved != names:
             raise AttrctlError(
                 f"{meta_path}: heads of attributes {saved}, but the policy's are {names}"
@@ -176,8 +181,28 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
 
 
 def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], rest: dict):
+    """Restore AdamW state saved by :func:`optimizer_tensors`.
+
+    Raises:
+        ValueError: the state does not fit ``opt``'s parameters (other tensor names, counts or
+            shapes, malformed param groups); nothing is changed then.
+    """
+    params = [p for group in opt.param_groups for p in group["params"]]
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, v in tensors.items():
-        idx, k = key.split(".", 1)
+        idx, sep, k = key.partition(".")
+        if not sep or not idx.isdigit() or int(idx) >= len(params):
+            raise ValueError(f"optimizer tensor {key!r} names no parameter")
+        if k in ("exp_avg", "exp_avg_sq") and v.shape != params[int(idx)].shape:
+            raise ValueError(
+                f"optimizer tensor {key!r} has shape {tuple(v.shape)}, the parameter "
+                f"{tuple(params[int(idx)].shape)}"
+            )
         state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": rest["param_groups"]})
+    groups = rest.get("param_groups") if isinstance(rest, dict) else None
+    if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
+        raise ValueError("param_groups is not a list of groups")
+    try:
+        opt.load_state_dict({"state": state, "param_groups": groups})
+    except (KeyError, TypeError) as err:
+        raise ValueError(f"malformed param groups ({err!r})") from None
