@@ -59,7 +59,20 @@ class _Refused(yaml.MarkedYAMLError):
 
 
 class _StrictConstructor(yaml.constructor.SafeConstructor):
-    """``SafeConstructor`` that refuses a key written twice in one mapping."""
+    """``SafeConstructor`` that refuses a key written twice in one mapping, and reports a value
+    its tag cannot read (``!!int x``, an integer of 5,000 digits) as a YAML error at the value."""
+
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except yaml.YAMLError:
+            raise
+        except (ValueError, TypeError, OverflowError, KeyError, IndexError, AttributeError) as err:
+            # e.g. `!!int x`, `!!bool maybe`, an integer past Python's 4,300-digit limit
+            tag = node.tag.rsplit(":", 1)[-1]
+            problem = str(err).splitlines()[0][:120]
+            raise _Refused(f"cannot read this value as {tag} ({problem})", node.start_mark,
+                           kind="syntax") from None  # fmt: skip
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):

@@ -256,7 +256,7 @@ def policy_files(draw) -> bytes:
 
 # A problem names a place: a YAML position, a field path (optionally with its line or --set), or
 # it is about the whole file.
-_PLACE = re.compile(r"\bline \d+|^(\S+|\(top level\))( \((line \d+|from --set .*)\))?: ")
+_PLACE = re.compile(r"\bline \d+|^(\S+|\[.*?\]\S*|\(top level\))( \((line \d+|from --set .*)\))?: ")
 _WHOLE_FILE = ("the file is empty", "a policy is a YAML mapping", "larger than", "more problems",
                "cannot read", "not a usable file name")  # fmt: skip
 
@@ -942,8 +942,13 @@ def test_regression_duplicate_key_in_set_value(run_cli):
         ("seed: .nan\n", "seed"),
         ("finetune: {learning_rate: .inf}\n", "finetune.learning_rate"),
         ("seed: 99999999999999999999999\n", "seed"),
+        # found by the long profile: a constructor's ValueError escaped the YAML reader
+        ("seed: !!int x\n", "line 7, column 7: cannot read this value as int"),
+        ("seed: " + "7" * 5000 + "\n", "line 7, column 7: cannot read this value as int"),
+        ("description: !!bool maybe\n", "line 7, column 14: cannot read this value as bool"),
     ],
-    ids=["alias_bomb", "alias_cycle", "python_tag", "control_char", "nan", "inf", "huge_seed"],
+    ids=["alias_bomb", "alias_cycle", "python_tag", "control_char", "nan", "inf", "huge_seed",
+         "int_tag", "int_5000_digits", "bool_tag"],
 )  # fmt: skip
 def test_regression_policy_text(run_cli, tmp_path, text, expected):
     path = _write(tmp_path, VALID + text)
@@ -981,8 +986,10 @@ def test_regression_worst_case_parse_time_is_bounded(run_cli, tmp_path):
 @pytest.mark.parametrize(
     "override",
     ["attributes.²=1", "attributes." + "9" * 5000 + "=1", "seed=" + "[" * 300 + "]" * 300,
-     "model=~nobody_attrctl/x", "model=./" + "a" * 5000, "data.0.prompts=[" + "b" * 5000 + "]"],
-    ids=["unicode_digit", "huge_index", "deep_value", "unknown_user", "long_path", "long_prompt"],
+     "model=~nobody_attrctl/x", "model=./" + "a" * 5000, "data.0.prompts=[" + "b" * 5000 + "]",
+     "seed=" + "9" * 5000],
+    ids=["unicode_digit", "huge_index", "deep_value", "unknown_user", "long_path", "long_prompt",
+         "int_5000_digits"],
 )  # fmt: skip
 def test_regression_set_values(run_cli, override):
     code, out, err = run_cli("policy", "show", "toxicity", "--set", override)
