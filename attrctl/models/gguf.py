@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attrctl.errors import AssetError, AttrctlError
-from attrctl.models.loaded import LoadedModel, finish
+from attrctl.models.loaded import LoadedModel, finish, no_hf_progress_bar
 from attrctl.paths import atomic_dir, atomic_write, cache_dir
 
 if TYPE_CHECKING:
@@ -148,8 +148,9 @@ def _load_converted(
 
     folder = cached_conversion(gguf, dest)
     try:
-        tok = AutoTokenizer.from_pretrained(str(folder))
-        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
+        with no_hf_progress_bar():
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype)
     except Exception as err:
         raise AttrctlError(
             f"the cached conversion of {gguf.name} in {folder} could not be read "

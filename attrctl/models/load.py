@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attrctl.errors import AttrctlError
-from attrctl.models.loaded import LoadedModel, finish
+from attrctl.models.loaded import LoadedModel, finish, no_hf_progress_bar
 
 if TYPE_CHECKING:
     import torch
@@ -160,8 +160,11 @@ def _from_pretrained(spec: str, source: str, *, dtype: torch.dtype, device: str)
     # Offline, a hub id can still load from the local hub cache (local_files_only).
     offline = source == spec and not hub_reachable()
     try:
-        tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
-        model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, local_files_only=offline)
+        with no_hf_progress_bar():
+            tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
+            model = AutoModelForCausalLM.from_pretrained(
+                source, dtype=dtype, local_files_only=offline
+            )
     except Exception as err:  # hub/network/format errors come in many classes; all are user-facing
         raise AttrctlError(_pretrained_failure(spec, err, offline=offline)) from err
     finish(model, tok, device)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -99,3 +101,18 @@ def greedy_generate(
         out = model.generate(**enc, generation_config=gen)  # [B, T + new]
     texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return texts[0] if isinstance(prompts, str) else texts
+
+
+@contextlib.contextmanager
+def no_hf_progress_bar() -> Iterator[None]:
+    """Hide transformers' "Loading weights" bar (a fraction of a second for these models; between
+    attrctl's own bars, and in every log file, it is noise)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
