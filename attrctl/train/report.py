@@ -61,6 +61,7 @@ def plot_run(run: RunDir) -> None:
         if all("judge_violation_rate" in r for r in samples):
             ax.plot(its, [r["judge_violation_rate"] for r in samples], "s--", label="judge")
         ax.legend()
+        ax.set_xticks(its)
     ax.set(title="violation rate of samples S_i", xlabel="model θ_i")
     ax = axes[1, 2]
     roles = ("sample", "fit", "finetune")
@@ -77,6 +78,8 @@ def plot_run(run: RunDir) -> None:
         bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set(title="wall time per job (s)", xlabel="iteration")
     if its:
+        # S_i is drawn with iteration i + 1, which it starts; the last one ends the run instead.
+        ax.set_xticks(its, [str(i) if set(by_iter[i]) - {"sample"} else f"S_{i - 1}" for i in its])
         ax.legend()
     fig.suptitle(f"attrctl run {run.root.name}")
     fig.tight_layout()
