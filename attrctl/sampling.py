@@ -56,6 +56,34 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
+def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+    """The ids the sampler conditions each prompt on.
+
+    A prompt that encodes to no token at all (``""`` with a tokenizer that adds no BOS) starts from
+    the BOS token — EOS where there is none — as ``generate`` does without input: a row needs at
+    least one real position to attend to.
+    """
+    ids = [list(row) for row in tokenizer(list(prompts))["input_ids"]]
+    if any(not row for row in ids):
+        start = tokenizer.bos_token_id
+        start = tokenizer.eos_token_id if start is None else start
+        if start is None:
+            raise ValueError("an empty prompt needs a BOS or EOS token to start from")
+        ids = [row or [start] for row in ids]
+    return ids
+
+
+def encode_prompts(tokenizer: Any, prompts: Sequence[str]) -> Any:
+    """Left-padded ``input_ids`` and ``attention_mask`` ``[B, P]`` of :func:`prompt_token_ids`."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        return tokenizer.pad(
+            {"input_ids": prompt_token_ids(tokenizer, prompts)}, padding=True, return_tensors="pt"
+        )
+    finally:
+        tokenizer.padding_side = side
+
+
 def sample_continuations(
     model: Any,
     tokenizer: Any,
@@ -97,11 +125,7 @@ def sample_continuations(
         raise ValueError(f"got {len(prompts)} prompts but {len(seeds)} seeds")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set one before sampling")
-    side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    try:
-        enc = tokenizer(list(prompts), return_tensors="pt", padding=True)
-    finally:
-        tokenizer.padding_side = side
+    enc = encode_prompts(tokenizer, prompts)
     device = next(model.parameters()).device
     input_ids = enc["input_ids"].to(device)  # [B, P]
     attn = enc["attention_mask"].to(device)  # [B, P]

@@ -10,7 +10,7 @@ import torch
 from attrctl.data.synth import read_rows, synthesize
 from attrctl.errors import AttrctlError
 from attrctl.policy.schema import Policy
-from attrctl.sampling import row_seed, sample_continuations
+from attrctl.sampling import prompt_token_ids, row_seed, sample_continuations
 
 LIMIT = 3  # prompts per set → 2 sets × 3 prompts × 2 samples = 12 rows in batches of 5
 
@@ -213,6 +213,18 @@ def test_a_row_does_not_depend_on_its_batch(tiny):
     assert batched[1] == alone[0]
     assert row_seed(0, "toxic", 1, 0) != row_seed(0, "toxic", 1, 1) != row_seed(1, "toxic", 1, 0)
     assert row_seed(0, "/a/b/mine.txt", 1, 0) == row_seed(0, "/c/mine.txt", 1, 0)
+
+
+def test_an_empty_prompt_starts_from_bos_alone_or_in_a_batch(tiny):
+    # "" encodes to no token with this tokenizer; the row starts from BOS/EOS (as generate does
+    # without input) instead of a zero-length forward, and still ignores its batch-mates.
+    tok = tiny.tokenizer
+    assert tok("")["input_ids"] == []
+    start = tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id
+    assert prompt_token_ids(tok, ["", "Shut up"])[0] == [start]
+    alone = sample_continuations(tiny.model, tok, [""], [5], max_new_tokens=8)
+    batched = sample_continuations(tiny.model, tok, ["Shut up, you", ""], [9, 5], max_new_tokens=8)
+    assert len(alone[0]) > 0 and batched[1] == alone[0]
 
 
 def test_near_zero_temperature_matches_greedy_decoding(tiny):

@@ -17,6 +17,7 @@ from typing import Any
 from attrctl.eval.control import Continuation
 from attrctl.eval.metrics import distinct_n
 from attrctl.eval.utility import token_logprobs
+from attrctl.sampling import prompt_token_ids
 
 
 def generation_perplexity(
@@ -28,7 +29,8 @@ def generation_perplexity(
     ones (the base model shares the tokenizer of the evaluated model).
     """
     kept = [r for r in rows if r.tokens]
-    prompts = {p: tokenizer(p)["input_ids"] for p in dict.fromkeys(r.prompt for r in kept)}
+    unique = list(dict.fromkeys(r.prompt for r in kept))
+    prompts = dict(zip(unique, prompt_token_ids(tokenizer, unique), strict=True))
     seqs = [list(prompts[r.prompt]) + list(r.tokens) for r in kept]
     starts = [len(prompts[r.prompt]) for r in kept]
     scored = token_logprobs(base_model, seqs, starts, bar=bar)
