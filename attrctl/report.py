@@ -105,11 +105,15 @@ def eval_files(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return files
 
 
+RESULT_SECTIONS = ("control", "utility", "generation")
+
+
 def read_eval(path: Path) -> EvalFile:
     """One eval JSON file.
 
     Raises:
-        AttrctlError: unreadable, not JSON, or not a JSON object (the message names the file).
+        AttrctlError: unreadable, not JSON, not a JSON object, or an object with none of the
+            result sections (the message names the file).
     """
     try:
         text = path.read_text(encoding="utf-8")
@@ -124,6 +128,11 @@ def read_eval(path: Path) -> EvalFile:
     if not isinstance(data, dict):
         raise AttrctlError(
             f"{path}: expected a JSON object (an `attrctl eval` result), got {type(data).__name__}"
+        )
+    if not any(k in data for k in RESULT_SECTIONS):
+        raise AttrctlError(
+            f"{path}: holds none of the sections of an `attrctl eval` result "
+            f"({', '.join(RESULT_SECTIONS)})"
         )
     if "control" in data and not isinstance(data["control"], (dict, type(None))):
         raise AttrctlError(f"{path}: field 'control' should be an object of prompt sets")

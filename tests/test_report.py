@@ -127,7 +127,8 @@ def test_missing_optional_fields_show_a_dash(tmp_path):
 @pytest.mark.parametrize(
     ("content", "message"),
     [("{not json", "not valid JSON"), ("[1, 2]", "expected a JSON object"),
-     ('{"control": [1]}', "'control'")],
+     ('{"control": [1]}', "'control'"), ("{}", "none of the sections"),
+     ('{"label": "x", "settings": {}}', "none of the sections")],
 )  # fmt: skip
 def test_malformed_input_names_the_file(tmp_path, run_cli, content, message):
     good = _write(tmp_path, "eval_good.json", full_result("ok", "sft", 0.1, 40.0))
