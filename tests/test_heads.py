@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -498,6 +499,10 @@ def test_heads_of_another_spec_are_refused_naming_the_file(tmp_path, tiny):
         with pytest.raises(AttrctlError) as err:
             load_heads(dst, tiny.model, folder)
         assert file in str(err.value) and "head 0" in str(err.value)
+        if n == 0:  # the message says which tensor and both shapes (rank 8 saved, 16 wanted)
+            assert re.search(r"has shape \[\d+, 8\], this model needs \[\d+, 16\]", str(err.value))
+        else:  # an mlp body the linear head never had
+            assert "is missing" in str(err.value)
     with pytest.raises(AttrctlError, match="missing"):
         load_heads(src, tiny.model, tmp_path / "nowhere")
     (folder / "heads.safetensors").write_bytes(b"not a safetensors file")

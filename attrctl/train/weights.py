@@ -124,6 +124,22 @@ def save_heads(heads: torch.nn.ModuleList, folder: Path, meta: dict[str, Any]) -
         (tmp / "heads.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
+def _state_mismatch(want: dict, got: dict, err: Exception) -> str:
+    """The first difference between a module's state dict and the tensors read for it."""
+    for key, tensor in want.items():
+        if key not in got:
+            return f"tensor {key!r} is missing"
+        if tuple(got[key].shape) != tuple(tensor.shape):
+            return (
+                f"tensor {key!r} has shape {list(got[key].shape)}, this model needs "
+                f"{list(tensor.shape)}"
+            )
+    extra = sorted(set(got) - set(want))
+    if extra:
+        return f"unexpected tensor {extra[0]!r}"
+    return str(err).splitlines()[0]
+
+
 def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> torch.nn.ModuleList:
     """The policy's heads: zero-initialised when ``folder`` is None (R_0), else read from it."""
     with torch.random.fork_rng(devices=[]):
@@ -154,10 +170,11 @@ def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> tor
             try:
                 head.load_state_dict(sub, strict=True)
             except RuntimeError as err:
-                first = str(err).splitlines()[0]
                 raise AttrctlError(
-                    f"{folder / 'heads.safetensors'}: head {i} does not match the policy's head "
-                    f"spec ({first})"
+                    f"{folder / 'heads.safetensors'}: head {i} ({names[i]}) does not fit this "
+                    f"model and policy: {_state_mismatch(head.state_dict(), sub, err)}. Heads "
+                    "are fitted on one model's hidden states and vocabulary: use them with that "
+                    "model or one of the same architecture"
                 ) from None
     heads.eval()
     for p in heads.parameters():
