@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The paper's table on the embedded default (DESIGN.md §2): seven rows, one command each, then
-# `attrctl report`. Run from the repository root after `make setup`; results land in runs/ and
-# the table + plot in docs/report/. Every run can be interrupted and the script rerun: finished
-# runs and evals are kept (`attrctl train` continues a run of the same policy).
+# `attrctl report`. Run from the repository root after `make setup`; runs land in runs/, and the
+# eval results, table and plot in docs/report/. Every run can be interrupted and the script
+# rerun: finished runs and evals are kept (`attrctl train` continues a run of the same policy).
 #
 # EVAL_ARGS sizes the evaluation (the README states the sizes its table used); the defaults of
 # `attrctl eval` (k = 25, 100 BIG-bench examples per task) take ~4x longer per row on a laptop.
@@ -26,5 +26,13 @@ done
 [ -f runs/eval/nado/eval_guided.json ] ||
   $ATTRCTL eval "$BASE" --guided runs/toxicity $EVAL_ARGS --out runs/eval/nado
 
-$ATTRCTL report runs/eval/base runs/toxicity_sft runs/toxicity_filter runs/toxicity_rl \
-  runs/eval/nado runs/toxicity_uniform runs/toxicity --out docs/report
+# The results are kept beside the report (runs/ is not committed), and the report reads them there.
+mkdir -p docs/report/evals
+for policy in toxicity_sft toxicity_filter toxicity_rl toxicity_uniform toxicity; do
+  cp "runs/$policy/eval.json" "docs/report/evals/$policy.json"
+done
+cp runs/eval/base/eval.json docs/report/evals/base.json
+cp runs/eval/nado/eval_guided.json docs/report/evals/nado_decoding.json
+E=docs/report/evals
+$ATTRCTL report $E/base.json $E/toxicity_sft.json $E/toxicity_filter.json $E/toxicity_rl.json \
+  $E/nado_decoding.json $E/toxicity_uniform.json $E/toxicity.json --out docs/report
