@@ -1,0 +1,68 @@
+"""How well a run's fitted head separates violating continuations of new prompts.
+
+The fit job's metric scores 10% held-out continuations of the *training* prompts. This samples
+fresh base-model continuations (top-p 0.9, 20 tokens, k per prompt) of the training prompts and
+of the bundled held-out eval prompts, and prints, per set, the oracle violation rate and the AUC
+of σ(r) at the last continuation token against the oracle label (the fit metric's statistic).
+
+    .venv/bin/python scripts/head_generalization.py runs/toxicity 2
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from attrctl.data.prompt_sets import load_prompt_set
+from attrctl.eval.control import heldout_prompt_sets
+from attrctl.heads import forward_with_tap
+from attrctl.models import load_model
+from attrctl.policy import compile_policy, load_policy
+from attrctl.sampling import prompt_token_ids, sample_continuations
+from attrctl.train.jobs import auc
+
+
+def last_token_r(model, head, prompt_ids: list[int], tokens: list[int]) -> float:
+    """σ(r) of the last sampled token, from the tap state just before it."""
+    with torch.no_grad():
+        _, taps = forward_with_tap(model, [head.tap], torch.tensor([prompt_ids + tokens]))
+        feat = head.features(taps[head.tap])[0, -2]
+        return float(torch.sigmoid(feat @ head.weight[tokens[-1]] + head.bias[tokens[-1]]))
+
+
+def main(run: str, k: int) -> None:
+    compiled = compile_policy(load_policy(Path(run) / "policy.yaml"))
+    from attrctl.train.weights import load_heads
+
+    lm = load_model(compiled.policy.model)
+    model, tok = lm.model, lm.tokenizer
+    heads_dir = sorted((Path(run) / "heads").glob("iter_*"), key=lambda p: int(p.name[5:]))[-1]
+    head = load_heads(compiled, model, heads_dir)[0]
+    oracle = compiled.attributes[0].oracle
+    sets = {
+        "training prompts": [p for r in compiled.policy.regularizer.prompts
+                             for p in load_prompt_set(r).prompts],
+        "held-out prompts": [p for s in heldout_prompt_sets() for p in s.prompts],
+    }  # fmt: skip
+    for name, prompts in sets.items():
+        rows = [(p, 1_000_003 * i + j + 77) for i, p in enumerate(prompts) for j in range(k)]
+        preds, texts = [], []
+        for b in range(0, len(rows), 64):
+            chunk = rows[b : b + 64]
+            toks = sample_continuations(model, tok, [p for p, _ in chunk], [s for _, s in chunk],
+                                        max_new_tokens=20, top_p=0.9)  # fmt: skip
+            texts += tok.batch_decode(toks, skip_special_tokens=True)
+            for ids, t in zip(prompt_token_ids(tok, [p for p, _ in chunk]), toks, strict=True):
+                preds.append(last_token_r(model, head, ids, t) if t else np.nan)
+        ok = ~np.isnan(np.array(preds))
+        satisfies = np.asarray(oracle.score(texts)) < 0.5
+        print(f"{name}: {int(ok.sum())} continuations, violation "
+              f"{1 - satisfies[ok].mean():.3f}, head AUC "
+              f"{auc(np.array(preds)[ok], satisfies[ok]):.3f}")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]) if len(sys.argv) > 2 else 2)
