@@ -300,7 +300,9 @@ def test_run_dir_of_another_policy_is_refused_untouched(reference_run, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, damage):
-    policy = write_policy(tmp_path)
+    # 40 steps, a checkpoint every 2: the kill point (a published checkpoint of θ_1, removed when
+    # the job ends) lasts ~38 steps; at 6 steps the job could end between two polls (it did once).
+    policy = write_policy(tmp_path, finetune__steps=40)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "attrctl.cli", "train", "-p", str(policy), "--out", str(out), "-q"]
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stderr=subprocess.DEVNULL)
