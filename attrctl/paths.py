@@ -291,12 +291,29 @@ def _same_file(fd: int, path: Path) -> bool:
 
 
 def _holder_pid(fd: int, wait: bool = True) -> int | None:
-    """The pid written in a lock file; a holder that has just taken it writes it a moment later."""
+    """The pid written in a lock file; a holder that has just taken it writes it a moment later.
+
+    With ``wait``, the flock is held by a live process, so a pid of a dead one is what a killed
+    holder left behind and the new holder has not overwritten yet: keep reading (up to 0.5 s).
+    """
+    pid = None
     for _ in range(20 if wait else 1):
         with contextlib.suppress(OSError, ValueError):
             text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
             if text:
-                return int(text)
+                pid = int(text)
+                if not wait or _pid_alive(pid):
+                    return pid
         if wait:
             time.sleep(0.025)
-    return None
+    return pid
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError, ValueError):  # no such process, or not a pid
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
