@@ -311,9 +311,9 @@ def _holder_pid(fd: int, wait: bool = True) -> int | None:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
+        os.kill(pid, 0)  # signal 0: existence check only; PermissionError is another user's
     except (ProcessLookupError, OverflowError, ValueError):  # no such process, or not a pid
         return False
-    except PermissionError:  # another user's process
-        return True
+    except PermissionError:
+        pass
     return True

@@ -11,36 +11,34 @@ of σ(r) at the last continuation token against the oracle label (the fit metric
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 from attrctl.data.prompt_sets import load_prompt_set
 from attrctl.eval.control import heldout_prompt_sets
+from attrctl.guided import guidance_source
 from attrctl.heads import forward_with_tap
 from attrctl.models import load_model
 from attrctl.policy import compile_policy, load_policy
 from attrctl.sampling import prompt_token_ids, sample_continuations
 from attrctl.train.jobs import auc
+from attrctl.train.weights import load_heads
 
 
 def last_token_r(model, head, prompt_ids: list[int], tokens: list[int]) -> float:
     """σ(r) of the last sampled token, from the tap state just before it."""
     with torch.no_grad():
         _, taps = forward_with_tap(model, [head.tap], torch.tensor([prompt_ids + tokens]))
-        feat = head.features(taps[head.tap])[0, -2]
-        return float(torch.sigmoid(feat @ head.weight[tokens[-1]] + head.bias[tokens[-1]]))
+        return float(torch.sigmoid(head.logits(taps[head.tap])[0, -2, tokens[-1]]))
 
 
 def main(run: str, k: int) -> None:
-    compiled = compile_policy(load_policy(Path(run) / "policy.yaml"))
-    from attrctl.train.weights import load_heads
-
+    src = guidance_source(run)  # the run's policy and its last *fitted* heads
+    compiled = compile_policy(load_policy(src.policy_path))
     lm = load_model(compiled.policy.model)
     model, tok = lm.model, lm.tokenizer
-    heads_dir = sorted((Path(run) / "heads").glob("iter_*"), key=lambda p: int(p.name[5:]))[-1]
-    head = load_heads(compiled, model, heads_dir)[0]
+    head = load_heads(compiled, model, src.heads_dir)[0]
     oracle = compiled.attributes[0].oracle
     sets = {
         "training prompts": [p for r in compiled.policy.regularizer.prompts
