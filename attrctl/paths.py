@@ -24,7 +24,6 @@ import os
 import re
 import shutil
 import tempfile
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import IO
@@ -183,10 +182,12 @@ class PidLock:
     """An exclusive lock that keeps a second process from writing what this one writes.
 
     The lock is ``fcntl.flock`` on ``path`` (created if missing), taken without waiting, with the
-    holder's pid written inside so that a refusal can name it. The kernel drops a flock when its
-    process dies, however it dies, so the lock file a killed process leaves behind is stale by
-    construction and the next process takes it over; no pid guessing is involved. Taking it is
-    atomic: of two processes trying at once, exactly one gets it. Re-entrant within a process.
+    holder's pid written inside. A refusal names the holder as the kernel reports it
+    (``/proc/locks``), and the pid in the file only where the kernel cannot say. The kernel
+    drops a flock when its process dies, however it dies, so the lock file a killed process leaves
+    behind is stale by construction and the next process takes it over; no pid guessing is
+    involved. Taking it is atomic: of two processes trying at once, exactly one gets it.
+    Re-entrant within a process.
 
     Args:
         path: the lock file (``<run dir>/lock``, ``<synth file>.lock``).
@@ -240,7 +241,7 @@ class PidLock:
             os.close(fd)
         else:  # pragma: no cover - needs a lock file replaced 100 times in a row
             raise InUseError(f"{self.what}: could not take the lock file {self.path}")
-        self.stale_pid = _holder_pid(fd, wait=False)
+        self.stale_pid = _file_pid(fd)
         try:
             with writing(self.path):
                 os.ftruncate(fd, 0)
@@ -290,23 +291,60 @@ def _same_file(fd: int, path: Path) -> bool:
     return (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino)
 
 
-def _holder_pid(fd: int, wait: bool = True) -> int | None:
-    """The pid written in a lock file; a holder that has just taken it writes it a moment later.
+def _holder_pid(fd: int) -> int | None:
+    """The pid of the process that holds the flock on ``fd``'s file, for a refusal message.
 
-    With ``wait``, the flock is held by a live process, so a pid of a dead one is what a killed
-    holder left behind and the new holder has not overwritten yet: keep reading (up to 0.5 s).
+    Asked of the kernel first (:func:`_flock_holder`): the pid inside the lock file is written a
+    moment after the flock is taken, so right after a killed holder's lock is taken over the file
+    still names the dead process. Where the kernel cannot say (no ``/proc/locks``, or no matching
+    entry), the pid in the file is a best-effort fallback: read once, no waiting, and named only if
+    that process is alive; otherwise the refusal says "another process".
     """
-    pid = None
-    for _ in range(20 if wait else 1):
-        with contextlib.suppress(OSError, ValueError):
-            text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
-            if text:
-                pid = int(text)
-                if not wait or _pid_alive(pid):
-                    return pid
-        if wait:
-            time.sleep(0.025)
+    pid = _flock_holder(fd)
+    if pid is None:
+        pid = _file_pid(fd)
+        if pid is not None and not _pid_alive(pid):
+            pid = None
     return pid
+
+
+def _flock_holder(fd: int, locks: str = "/proc/locks") -> int | None:
+    """The pid holding an exclusive ``flock`` on ``fd``'s file other than this process, from the
+    kernel's lock table; ``None`` where there is no such table or no such entry.
+
+    A ``/proc/locks`` line reads ``1: FLOCK  ADVISORY  WRITE 2085 fe:00:2147312 0 EOF``: the pid,
+    then the file as major:minor (hex) and inode (decimal). Waiters (``1: -> FLOCK ...``) are not
+    holders and are skipped. A pid of 0 is a holder outside this pid namespace: not nameable.
+    """
+    try:
+        st = os.fstat(fd)
+        with open(locks, encoding="ascii", errors="replace") as fh:
+            table = fh.read()
+    except OSError:
+        return None
+    me = os.getpid()
+    for line in table.splitlines():
+        f = line.split()
+        if len(f) < 6 or f[1] != "FLOCK" or f[3] != "WRITE":
+            continue
+        try:
+            pid = int(f[4])
+            major, minor, ino = f[5].split(":")
+            dev = os.makedev(int(major, 16), int(minor, 16))
+            if (dev, int(ino)) == (st.st_dev, st.st_ino) and pid not in (0, me):
+                return pid
+        except ValueError:
+            continue
+    return None
+
+
+def _file_pid(fd: int) -> int | None:
+    """The pid written in a lock file (whoever wrote it last, alive or not)."""
+    with contextlib.suppress(OSError, ValueError):
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        if text:
+            return int(text)
+    return None
 
 
 def _pid_alive(pid: int) -> bool:

@@ -21,11 +21,13 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
+from attrctl import paths
 from attrctl.errors import AttrctlError, InUseError
 from attrctl.paths import PidLock
 
@@ -274,42 +276,102 @@ import os, sys, time
 from pathlib import Path
 from attrctl.errors import InUseError
 from attrctl.paths import PidLock
-go = Path(sys.argv[2])
-while not go.exists():
+lock, folder, me = sys.argv[1], Path(sys.argv[2]), sys.argv[3]
+(folder / f"ready{me}").touch()
+while not (folder / "go").exists():  # waiting only: nothing is decided by how long it takes
     time.sleep(0.001)
 try:
-    lock = PidLock(sys.argv[1], "thing").acquire()
+    held = PidLock(lock, "thing").acquire()
 except InUseError as err:
     print("refused", err, flush=True)
 else:
     print("won", os.getpid(), flush=True)
-    time.sleep(1.5)
-    lock.release()
+    while not (folder / "release").exists():
+        time.sleep(0.001)
+    held.release()
 """
+
+
+def _watchdog(procs: list[subprocess.Popen], seconds: float = 120.0) -> threading.Timer:
+    """Kill ``procs`` after ``seconds``: a hang becomes a failure (EOF on their output), never a
+    pass; nothing is decided by how long they take short of that."""
+    timer = threading.Timer(seconds, lambda: [p.kill() for p in procs if p.poll() is None])
+    timer.daemon = True
+    timer.start()
+    return timer
 
 
 @pytest.mark.parametrize("round_", range(3))
 def test_lock_acquisition_is_atomic(tmp_path, round_):
-    """Six processes take one lock at the same instant: exactly one gets it, and every other
-    refusal names the winner's pid."""
-    lock, go = tmp_path / "lock", tmp_path / "go"
+    """Six processes take one lock at once: exactly one gets it, and every refusal, made while the
+    winner holds it, names the winner's pid (in the stale round too, where the file still names a
+    dead process until the winner overwrites it)."""
+    lock, n = tmp_path / "lock", 6
     if round_ == 2:  # a stale lock file from a killed process is there already
         lock.write_text("999999999\n")
     procs = [
-        subprocess.Popen([sys.executable, "-c", RACER, str(lock), str(go)], stdout=subprocess.PIPE,
-                         text=True, env=env())
-        for _ in range(6)
+        subprocess.Popen([sys.executable, "-c", RACER, str(lock), str(tmp_path), str(i)],
+                         stdout=subprocess.PIPE, text=True, env=env())
+        for i in range(n)
     ]  # fmt: skip
-    time.sleep(1.0)  # every racer is polling for the start file
-    go.touch()
-    outs = [p.communicate(timeout=60)[0].strip() for p in procs]
+    timer = _watchdog(procs)
+    try:
+        # A bound that only turns racers that never get ready into a failure, never a pass.
+        deadline = time.monotonic() + 120
+        while not all((tmp_path / f"ready{i}").exists() for i in range(n)):
+            assert all(p.poll() is None for p in procs), "a racer died before getting ready"
+            assert time.monotonic() < deadline, "the racers never got ready"
+            time.sleep(0.01)
+        (tmp_path / "go").touch()
+        firsts = [p.stdout.readline().strip() for p in procs]  # the winner holds on until release
+        (tmp_path / "release").touch()
+        outs = [
+            (first + p.communicate(timeout=60)[0]).strip()
+            for first, p in zip(firsts, procs, strict=True)
+        ]
+    finally:
+        timer.cancel()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
     won = [o for o in outs if o.startswith("won")]
     assert len(won) == 1, outs
     winner = won[0].split()[1]
     for o in outs:
         if not o.startswith("won"):
-            assert o.startswith("refused") and f"in use by process {winner}" in o, o
+            assert o.startswith("refused") and f"in use by process {winner} " in o, o
+    assert all(p.returncode == 0 for p in procs), outs
     assert not lock.exists()  # released by the winner
+
+
+def test_lock_refusal_names_the_holder_the_kernel_reports_not_the_pid_in_the_file(tmp_path):
+    """The lock file says a dead process holds it (as it does right after a killed holder's lock is
+    taken over, before the new holder writes its pid); the refusal still names the live holder."""
+    lock = tmp_path / "lock"
+    holder = _hold(lock)
+    try:
+        lock.write_text("999999999\n")  # same inode, so the holder's flock stays on it
+        with pytest.raises(InUseError, match=f"in use by process {holder.pid} "):
+            PidLock(lock, "the thing").acquire()
+    finally:
+        _kill(holder)
+
+
+def test_without_the_kernel_lock_table_the_pid_in_the_file_is_named_only_if_alive(
+    tmp_path, monkeypatch
+):
+    """The fallback (no /proc/locks): the live pid in the file is named; a dead one is not."""
+    monkeypatch.setattr(paths, "_flock_holder", lambda fd: None)
+    lock = tmp_path / "lock"
+    holder = _hold(lock)
+    try:
+        with pytest.raises(InUseError, match=f"in use by process {holder.pid} "):
+            PidLock(lock, "the thing").acquire()
+        lock.write_text("999999999\n")
+        with pytest.raises(InUseError, match="in use by another process "):
+            PidLock(lock, "the thing").acquire()
+    finally:
+        _kill(holder)
 
 
 def test_stale_lock_of_a_killed_process_is_taken_over(tmp_path):
