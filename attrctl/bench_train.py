@@ -1,7 +1,7 @@
 """Training-step benchmark shared by ``attrctl bench train`` and ``benchmarks/``.
 
-DESIGN.md §5, *training overhead*: in one run, on the same model, batch, sequence length and
-trainable parameters, the time and peak memory of
+*Training overhead* (docs/design.md, "Performance measurements"): in one run, on the same
+model, batch, sequence length and trainable parameters, the time and peak memory of
 
 * ``sft`` — a plain SFT step as a user would write it without attrctl: the transformers model
   called with ``labels=`` (its default loss), ``backward``, ``clip_grad_norm_``, AdamW step;

@@ -1,6 +1,6 @@
 """NADO guided decoding: a transformers ``LogitsProcessor`` that samples from ``q`` instead of ``p``.
 
-With a run's fitted heads ``r_k`` (DESIGN.md §1), each step's next-token logits become
+With a run's fitted heads ``r_k`` (docs/design.md, "NADO decoding"), each step's logits become
 
     log q_t = ℓ_t + α · Σ_k w_k · logσ(r_{k,t})          (softmax normalises; α = ``strength``)
 

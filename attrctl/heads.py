@@ -2,9 +2,10 @@
 
 A head reads a **detached** hidden state of the LLM at a tap layer, runs a small body and projects
 to the vocabulary. ``R(x_<t, v) = σ(r_t[v])`` estimates the probability that a continuation taking
-``v`` next satisfies the attribute (DESIGN.md §1). The fused losses never see ``[N, V]`` head
-logits: a head hands them a :class:`~attrctl.losses.RegHead` — its last features ``[N, Hk]`` and
-the projection ``[V, Hk]`` + bias — and the loss forms ``r`` chunk by chunk.
+``v`` next satisfies the attribute (docs/design.md, "The projection"). The fused losses never
+see ``[N, V]`` head logits: a head hands them a :class:`~attrctl.losses.RegHead` — its last
+features ``[N, Hk]`` and the projection ``[V, Hk]`` + bias — and the loss forms ``r`` chunk by
+chunk.
 
 Shapes of one head (``H`` the LLM width at the tap, ``V`` the vocabulary)::
 

@@ -1,8 +1,8 @@
 """BIG-bench multiple-choice tasks for measuring utility (evaluation only).
 
 **Never train on these tasks.** They exist to measure how much general ability a fine-tuned model
-keeps (DESIGN §4, utility preservation); a model that saw them in training makes the measurement
-meaningless. Nothing in attrctl's data path reads them.
+keeps (utility preservation: docs/design.md, "What attrctl promises"); a model that saw them in
+training makes the measurement meaningless. Nothing in attrctl's data path reads them.
 
 The data ship in the PyPI sdist ``bigbench==1.0.0`` (358 MB, Apache-2.0). Installing it would pull
 TensorFlow, so :func:`fetch_bigbench` only downloads the archive (``pip download --no-deps
@@ -32,7 +32,8 @@ from attrctl.paths import atomic_write, cache_dir
 
 BIGBENCH_REQUIREMENT = "bigbench==1.0.0"
 BIGBENCH_SDIST = "bigbench-1.0.0.tar.gz"
-#: Tasks on which SmolLM2-135M scores clearly above chance (DESIGN §4).
+#: Tasks on which SmolLM2-135M scores clearly above chance (docs/design.md, "The embedded offline
+#: default").
 DEFAULT_TASKS = ("movie_recommendation", "general_knowledge", "date_understanding", "social_iqa")
 FETCH_HINT = "attrctl assets fetch bigbench"
 _TASK_NAME = re.compile(r"^[a-z0-9_]+(/[a-z0-9_]+)?$")  # task or task/subtask; no traversal

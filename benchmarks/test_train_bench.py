@@ -1,9 +1,9 @@
 """Training-step overhead on the embedded default (same harness as ``attrctl bench train``).
 
 Run: ``pytest benchmarks/test_train_bench.py -s`` (about two minutes on two CPU cores). Prints the
-table and checks the bar of DESIGN.md §5: the regularized step of the ``toxicity`` policy
-(SmolLM2-135M, batch 8 × 64, top 4 layers, rank-64 linear head) costs ≤ 1.15× a plain transformers
-SFT step in time and ≤ 1.10× in peak memory. Run it on an otherwise idle machine: each row is
+table and checks the bar of docs/design.md, "Performance measurements": the regularized step
+of the ``toxicity`` policy (SmolLM2-135M, batch 8 × 64, top 4 layers, rank-64 linear head) costs
+≤ 1.15× a plain transformers SFT step in time and ≤ 1.10× in peak memory. Run it on an otherwise idle machine: each row is
 timed in its own process, but other processes on the same cores slow rows unevenly.
 Set ``ATTRCTL_BENCH_JSON=path`` to keep the result.
 """

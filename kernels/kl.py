@@ -5,7 +5,7 @@ Maths (row t, vocabulary V, K heads with weights w_k):
     p_t = softmax(ℓ_t)                      q_t = softmax(sg[b_t] + log R_t)
     log R_t = Σ_k w_k logσ(r_{k,t})         b_t = ℓ_t, or a reference model's logits
     KL_t = Σ_v q_t[v] (log q_t[v] − log p_t[v])
-    ∂KL_t/∂ℓ_t = p_t − q_t                  (q is a detached target: the E-step of DESIGN.md §1)
+    ∂KL_t/∂ℓ_t = p_t − q_t                  (q is detached: docs/design.md, "What is detached")
 
 Forward: ``_token_kl_fwd_kernel`` runs one program per row and reads ℓ, b and the K head-logit
 rows once, tile by tile, keeping the six scalars of ``_math._two_lse_step``; it writes KL and

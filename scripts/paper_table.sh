@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The paper's table on the embedded default (DESIGN.md §2): seven rows, one command each, then
-# `attrctl report`. Run from the repository root after `make setup`; runs land in runs/, and the
+# The paper's table on the embedded default (docs/design.md, "Baselines"): seven rows, one
+# command each, then `attrctl report`. Run from the repository root after `make setup`; runs land in runs/, and the
 # eval results, table and plot in docs/report/. Every run can be interrupted and the script
 # rerun: finished runs and evals are kept (`attrctl train` continues a run of the same policy).
 #

@@ -463,8 +463,8 @@ _UNSAFE = [
 
 
 def test_no_pickle_or_torch_load_without_weights_only():
-    """DESIGN.md §6: weights load from safetensors or with weights_only=True; no bare pickle.
-    (The jigsaw judge's tokenizer pickle goes through an allow-listing Unpickler, named in the
+    """docs/design.md, "Rules": weights load from safetensors or with weights_only=True; no bare
+    pickle. (The jigsaw judge's tokenizer pickle goes through an allow-listing Unpickler, named in the
     README with the third-party pickle loads attrctl accepts.)"""
     me = Path(__file__).resolve()
     offenders = []

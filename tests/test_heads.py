@@ -202,7 +202,7 @@ def test_fitted_head_ranks_fresh_texts_it_never_saw(fitted, tiny):
 # ----------------------------------------------------------------------------- fitting: KL
 def _kl_case(model, tok, head, texts, impl, head_override=None):
     """Per-token KL(q‖p) of regularized_lm_loss over the continuation tokens of the texts, and
-    the same from full logits in float64 (written here from DESIGN.md §1)."""
+    the same from full logits in float64 (written here from docs/design.md, "The method")."""
     lm_w = model.get_output_embeddings().weight.detach()
     prompts = [FRESH_PROMPTS[k % 2] for k in range(len(texts))]
     ids, mask, spans = _batch(tok, prompts, [" " + t for t in texts])

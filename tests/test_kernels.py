@@ -6,8 +6,8 @@ below before anything imports the kernel modules (``attrctl.kernels`` itself doe
 Triton). Interpreter shapes stay small (N ≤ 17, V ≤ 300); tiles of 64 make every row take
 several tiles plus a ragged tail.
 
-Ground truth is written here from the definitions in DESIGN.md §1, in fp64 with autograd, and
-shares no code with either the kernels or ``eager``. ``eager`` (fp32) gives the error budget:
+Ground truth is written here from the definitions in docs/design.md, "The method", in fp64 with
+autograd, and shares no code with either the kernels or ``eager``. ``eager`` (fp32) gives the error budget:
 the kernel in a dtype may not be worse than the plain PyTorch path in that dtype.
 """
 
@@ -134,7 +134,8 @@ def test_token_kl_direction_is_forward_kl_from_q():
 
 
 def test_token_kl_zero_heads_give_zero():
-    # σ(0) = ½ everywhere: log R is a constant, q = p, KL = 0 and no gradient (DESIGN §1)
+    # σ(0) = ½ everywhere: log R is a constant, q = p, KL = 0 and no gradient (docs/design.md,
+    # "Zero-initialised heads")
     logits, reg, w, _, grad_out = _make_kl_inputs(6, 130, 2, seed=4)
     kl, grad = _run_kl(token_kl, logits, torch.zeros_like(reg), w, None, None, grad_out)
     assert kl.abs().max() < 1e-6 and grad.abs().max() < 1e-7

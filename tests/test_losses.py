@@ -1,4 +1,4 @@
-"""Every loss impl against an fp64 ground truth written here from DESIGN.md §1.
+"""Every loss impl against an fp64 ground truth written here from docs/design.md, "The method".
 
 Forward values and every gradient are checked; shapes include a realistic one and a weird one
 (N=41, H=401, V=1271); masks none/some/all; grad_output ≠ 1; several attributes; extreme logits.

@@ -188,7 +188,7 @@ def test_bundled_model_loads_and_answers():
     # Uses the normal cache: ~40 s to convert on a fresh machine, < 2 s afterwards.
     loaded = load_model("bundled:smollm2-135m-instruct")
     d = loaded.describe()
-    assert d["parameters"] == 134_515_008  # 134.5M, DESIGN §4 (tied embeddings counted once)
+    assert d["parameters"] == 134_515_008  # 134.5M (tied embeddings once): docs/design.md
     assert (d["vocab_size"], d["num_layers"], d["hidden_size"]) == (49_152, 30, 576)
     assert loaded.tokenizer.pad_token is not None
     assert "Paris" in greedy_generate(loaded, "The capital of France is", max_new_tokens=8)

@@ -203,7 +203,7 @@ def test_real_bigbench_fetch(tmp_path):
     report = tasks.fetch_bigbench(root=tmp_path)
     assert report.extracted == sorted(tasks.DEFAULT_TASKS)  # archive order is alphabetical
     chance = {name: tasks.load_task(name, root=tmp_path).chance for name in tasks.DEFAULT_TASKS}
-    # DESIGN §4's chance levels for the four utility tasks.
+    # The chance levels of the four utility tasks (docs/design.md, "The embedded offline default").
     assert chance == pytest.approx(
         {
             "movie_recommendation": 0.25,

@@ -1,6 +1,6 @@
 """``attrctl eval``: attribute control, utility and generation quality of a run or a model.
 
-The three promises of DESIGN.md, measured the way the paper measures them:
+The three promises (docs/design.md, "What attrctl promises"), measured as the paper measures them:
 
 1. **Attribute control** (:mod:`attrctl.eval.control`) — the RealToxicityPrompts protocol: ``k``
    continuations (default 25, top-p 0.9, 20 tokens) of every prompt of a held-out prompt set that

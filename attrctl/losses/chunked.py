@@ -89,8 +89,8 @@ def _anchored_kl(
     lse_p: torch.Tensor,  # [C] LSE(ℓ) − c
     q_sum: torch.Tensor,  # [C]
 ) -> torch.Tensor:  # [C]
-    """KL(q ‖ p) = E_q[log R − ρ] − (lse_q − lse_p), the closed form of DESIGN.md §1 with log R
-    measured from ρ, its value at q's mode, and both LSEs from a common shift c.
+    """KL(q ‖ p) = E_q[log R − ρ] − (lse_q − lse_p), the closed form (docs/design.md,
+    "The regularizer in closed form") with log R     measured from ρ, its value at q's mode, and both LSEs from a common shift c.
 
     The closed form subtracts two terms that are each as large as log R itself: at log R ≈ −100
     (two heads at r = −50) fp32 rounds both to ~1e-5 and the difference, a KL of 0, came out

@@ -158,7 +158,7 @@ def token_kl(
     mask: torch.Tensor | None = None,
     impl: str = "auto",
 ) -> torch.Tensor:
-    """KL(q_t ‖ p_t) per row, the I-projection regularizer of DESIGN.md §1.
+    """KL(q_t ‖ p_t) per row, the I-projection regularizer (docs/design.md, "The method").
 
     ``q_t = softmax(sg[ref_t] + Σ_k w_k logσ(r_{k,t}))`` with ``ref = logits`` (detached) unless
     ``ref_logits`` is given, and ``p_t = softmax(logits_t)``.
@@ -306,7 +306,7 @@ def head_fit_loss(
     impl: str = "auto",
     chunk_size: int | None = None,
 ) -> HeadFitOutput:
-    """The NADO head loss of DESIGN.md §1, fused-linear, with gradients to the head only.
+    """The NADO head loss (docs/design.md, "Fitting the heads"), fused-linear, grads to the head.
 
     Row t is a position of a sampled sequence, ``tokens[t] = x_{t+1}`` the token taken there and
     ``labels[t] = y`` the oracle's (soft) label of that sequence. With the head's logits

@@ -1,4 +1,4 @@
-"""The reference losses, written from the definitions in DESIGN.md §1 (fp32, full logits).
+"""The reference losses (fp32, full logits), from the definitions in docs/design.md, "The method".
 
 This is the ground truth the fast paths (``chunked``, ``triton``) are tested and benchmarked
 against, so it deliberately shares no code with them: it materialises the whole ``[N, V]``

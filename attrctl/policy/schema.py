@@ -414,7 +414,8 @@ class RoleSettings(StrictModel):
 
 
 class Schedule(StrictModel):
-    """How sample → fit heads → fine-tune iterations are arranged (DESIGN.md §1)."""
+    """How sample → fit heads → fine-tune iterations are arranged (docs/design.md, "Iterations and
+    schedules")."""
 
     mode: Literal["sequential", "parallel"] = Field(
         "sequential",
@@ -519,7 +520,8 @@ class Policy(StrictModel):
 
     def lam_for(self, domain: str) -> float:
         """λ_d for a domain (the global λ when the domain is not listed, or before `auto` has
-        been resolved from the data: see :func:`attrctl.policy.compile.resolve_auto_lambdas`)."""
+        been resolved from the data by :func:`attrctl.train.lambdas.auto_lambdas`, which
+        :func:`attrctl.train.schedules._resolve_lambdas` calls once per run)."""
         per_domain = self.regularization.per_domain
         if isinstance(per_domain, dict):
             return per_domain.get(domain, self.regularization.lam)

@@ -1,9 +1,9 @@
 """The ``rl`` objective: TRL's ``GRPOTrainer`` with the policy's oracles as reward.
 
-A baseline of the paper's table (DESIGN.md §2): policy-gradient fine-tuning that rewards outputs
-the oracles accept, run by TRL rather than a hand-written PPO. One job stands where the fine-tune
-job of iteration i stands, and leaves the same outputs, so the rest of a run (S_I, ``model/final``,
-``eval``, ``export``, ``report``) does not know the difference:
+A baseline of the paper's table (docs/design.md, "Baselines"): policy-gradient fine-tuning that
+rewards outputs the oracles accept, run by TRL rather than a hand-written PPO. One job stands
+where the fine-tune job of iteration i stands, and leaves the same outputs, so the rest of a run
+(S_I, ``model/final``, ``eval``, ``export``, ``report``) does not know the difference:
 
     prompts     the regularizer prompts, each once (what the heads are fitted on)
     completions ``rl.num_generations`` per prompt, ``regularizer.max_new_tokens`` long at most

@@ -1,4 +1,6 @@
-"""How the jobs of a run are arranged (DESIGN.md §1), and :func:`train`, the whole run.
+"""How the jobs of a run are arranged, and :func:`train`, the whole run.
+
+See docs/design.md, "Iterations and schedules".
 
 Sequential, iteration i = 1..I:   sample S_{i−1} from θ_{i−1} → fit R_i on S_{i−1} → fine-tune θ_i
                                    with R_i.
