@@ -21,6 +21,7 @@ batch gives each row what it would get alone.
 Use from Python::
 
     proc = load_guidance("runs/toxicity", model)          # the run's last fitted heads
+    enc = attrctl.sampling.encode_prompts(tok, prompts)   # as the heads were fitted (BOS rule)
     with proc:
         out = model.generate(**enc, logits_processor=LogitsProcessorList([proc]))
     # or: sample_continuations(model, tok, prompts, seeds, max_new_tokens=40, logits_processor=proc)

@@ -56,14 +56,42 @@ def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     return idx.clamp(max=probs.shape[-1] - 1)
 
 
+def bos_prefix(tokenizer: Any) -> list[int]:
+    """``[bos_token_id]`` where the tokenizer prepends BOS by default (Llama-2/3: ``tok("x")``
+    begins with it), else ``[]`` (SmolLM2, GPT-2, tiny-random)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return []
+    ids = tokenizer("x", add_special_tokens=True)["input_ids"]
+    return [bos] if list(ids[:1]) == [bos] else []
+
+
+def encode_text(
+    tokenizer: Any, text: str, *, bos: list[int] | None = None, **kwargs: Any
+) -> list[int]:
+    """The ids of ``text`` at the start of a sequence — the one rule for every sequence attrctl
+    feeds the model (sampled prompts, fitted sample rows, training examples, eval contexts).
+
+    The text is encoded without special tokens and, where the tokenizer adds a BOS by default
+    (:func:`bos_prefix`), BOS goes in front — exactly once, also when the text itself begins with
+    the BOS token. Text that continues a sequence (a continuation, a choice) is encoded with
+    ``add_special_tokens=False`` and appended. ``bos``: a precomputed :func:`bos_prefix`, for
+    callers encoding many texts; ``kwargs`` go to the tokenizer call.
+    """
+    prefix = bos_prefix(tokenizer) if bos is None else bos
+    ids = list(tokenizer(text, add_special_tokens=False, **kwargs)["input_ids"])
+    return ids if ids[: len(prefix)] == prefix else prefix + ids
+
+
 def prompt_token_ids(tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
-    """The ids the sampler conditions each prompt on.
+    """The ids the sampler conditions each prompt on (:func:`encode_text`).
 
     A prompt that encodes to no token at all (``""`` with a tokenizer that adds no BOS) starts from
     the BOS token — EOS where there is none — as ``generate`` does without input: a row needs at
     least one real position to attend to.
     """
-    ids = [list(row) for row in tokenizer(list(prompts))["input_ids"]]
+    bos = bos_prefix(tokenizer)
+    ids = [encode_text(tokenizer, p, bos=bos) for p in prompts]
     if any(not row for row in ids):
         start = tokenizer.bos_token_id
         start = tokenizer.eos_token_id if start is None else start

@@ -6,12 +6,13 @@ and then the next example of that source in a per-source shuffled order (reshuff
 Everything is a function of the policy seed, so a resumed run can replay the stream: ``start=k``
 skips ``k`` draws without tokenising anything.
 
-:class:`PackingCollator` turns examples into training tensors. Examples (each followed by eos)
-are concatenated into one token stream and cut into rows of ``seq_len``, so no compute is spent
-on padding; every token carries the id of the domain of the example it came from, which is what
-adaptive regularization needs (λ per token = ``mixture.lambdas[domain_ids]``). Packed examples
-attend to their predecessors in the row, as in GPT-style pretraining; the eos between them marks
-the boundary.
+:class:`PackingCollator` turns examples into training tensors. Examples (each followed by eos,
+and led by BOS where the tokenizer adds one, as sampled prompts are:
+:func:`attrctl.sampling.encode_text`) are concatenated into one token stream and cut into rows
+of ``seq_len``, so no compute is spent on padding; every token carries the id of the domain of
+the example it came from, which is what adaptive regularization needs (λ per token =
+``mixture.lambdas[domain_ids]``). Packed examples attend to their predecessors in the row, as in
+GPT-style pretraining; the eos between them marks the boundary.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from attrctl.data.sources import Example, describe_source, load_source_filtered
 from attrctl.policy.schema import Policy
+from attrctl.sampling import bos_prefix, encode_text
 
 IGNORE_INDEX = -100  # labels ignored by the loss (padding)
 
@@ -177,9 +179,11 @@ class PackingCollator:
         # is cut into rows, never fed whole to the model, so the warning is noise.
         params = inspect.signature(tokenizer.__call__).parameters
         self._quiet = {"verbose": False} if "verbose" in params else {}
+        # each example starts with BOS where the tokenizer adds one, as sampled prompts do
+        self._bos = bos_prefix(tokenizer)
 
     def _encode(self, example: Example) -> tuple[list[int], int]:
-        ids = self.tokenizer(example.text, add_special_tokens=False, **self._quiet)["input_ids"]
+        ids = encode_text(self.tokenizer, example.text, bos=self._bos, **self._quiet)
         return [*ids, self.tokenizer.eos_token_id], self.domains.index(example.domain)
 
     def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:

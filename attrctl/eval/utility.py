@@ -5,9 +5,10 @@ Both read log-probabilities of given tokens under a model (teacher forcing), thr
 of a batch stay near 128 MiB whatever the vocabulary.
 
 - **Held-out perplexity**: the plays of :data:`attrctl.data.shakespeare.HELDOUT_WORKS` (never in
-  the training mixture), tokenized as one stream in file order, cut into non-overlapping windows;
-  ``exp`` of the mean negative log-likelihood of every token after a window's first, over the
-  first ``max_tokens`` such tokens.
+  the training mixture), tokenized as one stream in file order, cut into non-overlapping windows
+  (each led by BOS where the tokenizer adds one, as every sequence is:
+  :func:`attrctl.sampling.encode_text`); ``exp`` of the mean negative log-likelihood of every
+  token after a window's first, over the first ``max_tokens`` such tokens.
 - **Multiple choice**: each choice is scored as a continuation of the task's prompt (BIG-bench's
   default formatting, :meth:`attrctl.tasks.BigBenchTask.prompt`); the model picks the choice with
   the highest log-likelihood per token (length normalisation, so long answers are not penalised
@@ -24,6 +25,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from attrctl.eval.metrics import mean_stderr
+from attrctl.sampling import bos_prefix, encode_text
 
 #: fp32 logits per batch: rows × T × V ≤ this many (2**25 floats = 128 MiB).
 LOGIT_BUDGET = 2**25
@@ -81,6 +83,8 @@ def heldout_windows(tokenizer: Any, texts: Sequence[str], max_tokens: int, windo
     """Non-overlapping windows of the texts' token stream holding ``max_tokens`` scored tokens.
 
     Each window scores all its tokens but the first, so a full window scores ``window - 1``.
+    Where the tokenizer adds a BOS, each window is BOS and the next ``window - 1`` stream tokens
+    (all scored); else it is the next ``window`` stream tokens.
     """
     need = max_tokens + math.ceil(max_tokens / (window - 1))  # scored tokens + one per window
     # HF tokenizers warn when a text is longer than the model's context; the stream is cut into
@@ -93,13 +97,15 @@ def heldout_windows(tokenizer: Any, texts: Sequence[str], max_tokens: int, windo
         if len(stream) >= need:
             break
         stream += tokenizer(text + "\n\n", add_special_tokens=False, **quiet)["input_ids"]
+    bos = bos_prefix(tokenizer)
+    step = window - len(bos)  # stream tokens per window
     windows, scored = [], 0
-    for b in range(0, len(stream), window):
-        take = min(window, max_tokens - scored + 1, len(stream) - b)
-        if take < 2:
+    for b in range(0, len(stream), step):
+        take = min(step, max_tokens - scored + 1 - len(bos), len(stream) - b)
+        if take + len(bos) < 2:
             break
-        windows.append(stream[b : b + take])
-        scored += take - 1
+        windows.append(bos + stream[b : b + take])
+        scored += take + len(bos) - 1
     return windows
 
 
@@ -149,7 +155,7 @@ def choice_sequences(tokenizer: Any, prompt: str, choices: Sequence[str]) -> lis
     """
     context = prompt.rstrip(" ")
     lead = prompt[len(context) :]
-    ctx = tokenizer(context)["input_ids"]
+    ctx = encode_text(tokenizer, context)
     out = []
     for choice in choices:
         ids = tokenizer(lead + choice, add_special_tokens=False)["input_ids"]

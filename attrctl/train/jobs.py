@@ -186,10 +186,15 @@ def sample_stats(ctx: TrainContext, rows: list[dict]) -> dict[str, Any]:
 
 # ------------------------------------------------------------------------------------ fit
 def _encode(tok, rows: list[dict]) -> list[tuple[list[int], int]]:
-    """(prompt + continuation ids, prompt length) per row."""
+    """(prompt + continuation ids, prompt length) per row: the prompt as the sampler encoded it
+    (:func:`attrctl.sampling.prompt_token_ids` — BOS where the tokenizer adds one, a start token
+    for an empty prompt), the continuation without special tokens. The heads are then fitted on
+    the positions sampling and guided decoding use them at."""
+    from attrctl.sampling import prompt_token_ids
+
+    prompts = prompt_token_ids(tok, [r["prompt"] for r in rows])
     out = []
-    for r in rows:
-        p = tok(r["prompt"], add_special_tokens=False)["input_ids"]
+    for r, p in zip(rows, prompts, strict=True):
         c = tok(r["continuation"], add_special_tokens=False)["input_ids"]
         out.append((p + c, len(p)))
     return out
