@@ -511,6 +511,17 @@ class Policy(StrictModel):
                 f"regularization.per_domain: domain(s) {', '.join(map(repr, unknown))} appear in "
                 f"no data source; domains in `data`: {', '.join(domains)}"
             )
+        sched = self.schedule
+        # parallel: fit R_i on S_{i−2}, fine-tune θ_i with R_{i−1}
+        if sched.mode == "parallel" and self.finetune.objective == "regularized" and (
+            sched.iterations < 3
+        ):
+            raise ValueError(
+                f"schedule: parallel mode with {sched.iterations} iteration(s) would train "
+                "with no regularizer: the first head fitted on samples (R_2, on S_0) acts "
+                "from θ_3 on. Use schedule.iterations ≥ 3, or mode: sequential (θ_1 trains "
+                "with R_1 fitted on S_0)"
+            )
         return self
 
     @property

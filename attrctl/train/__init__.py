@@ -21,6 +21,25 @@ def train(*args: Any, **kwargs: Any):
     return _train(*args, **kwargs)
 
 
+RESUMABLE_OVERRIDES = ("schedule.iterations", "schedule.roles")
+
+
+def check_resume_overrides(overrides: list[str]) -> None:
+    """``--set`` on ``--resume`` may extend the schedule (``schedule.iterations``) or move jobs
+    (``schedule.roles.*``); any other change would be another policy's run: refused up front."""
+    from attrctl.errors import AttrctlError
+
+    for item in overrides:
+        key = item.partition("=")[0].strip()
+        if not any(key == k or key.startswith(k + ".") for k in RESUMABLE_OVERRIDES):
+            raise AttrctlError(
+                f"--set {item}: a resumed run keeps its policy; with --resume only "
+                f"{' and '.join(k + '…' for k in RESUMABLE_OVERRIDES)} may change (e.g. --set "
+                "schedule.iterations=3 extends a finished run). For other changes start a new run "
+                "with -p and another --out"
+            )
+
+
 def RichProgress(*args: Any, **kwargs: Any):
     from attrctl.train.progress import RichProgress as _RichProgress
 
@@ -54,11 +73,18 @@ def summary_lines(result: Any) -> list[str]:
             )
     for f in s["fits"]:
         for name, m in f.get("heads", {}).items():
+            head = f"head R_{f['iteration']} {name:<8}"
+            if m["held_out"] == 0:  # too few prompts to hold any out
+                split = f.get("held_out") or {}
+                lines.append(f"{head} AUC not measured ({split.get('note', 'nothing held out')})")
+                continue
             auc = "n/a (one class)" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"  # NaN
-            lines.append(
-                f"head R_{f['iteration']} {name:<8} held-out AUC {auc}, accuracy "
-                f"{m['accuracy']:.3f}, BCE {m['bce']:.3f} ({m['held_out']} sequences)"
+            on = (
+                f"on {m['held_out_prompts']} held-out prompts ({m['held_out']} sequences)"
+                if "held_out_prompts" in m
+                else f"on {m['held_out']} held-out sequences"  # a run of an earlier version
             )
+            lines.append(f"{head} AUC {auc}, accuracy {m['accuracy']:.3f}, BCE {m['bce']:.3f} {on}")
     objective = s["finetunes"][0].get("objective", "regularized") if s["finetunes"] else None
     if objective not in (None, "regularized"):
         lines.append(f"objective       {objective} (a baseline: no heads fitted, λ not used)")

@@ -130,6 +130,20 @@ class StopRequest:
 
         return {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
 
+    @classmethod
+    def begin_job(cls) -> None:
+        """A fine-tune loop starts: a signal from now on is a request the loop honours at its
+        next step boundary. A request left from an earlier job was honoured (or raised) there, so
+        none is carried over."""
+        cls.requested = False
+        cls.in_loop = True
+
+    @classmethod
+    def end_job(cls) -> None:
+        """The loop is done; a request made during its last step stays set for the caller
+        (``schedules._run`` stops the run once the finished job is published)."""
+        cls.in_loop = False
+
     @staticmethod
     def restore(previous) -> None:
         import signal

@@ -29,6 +29,7 @@ from typing import Any
 import torch
 
 from attrctl.errors import AttrctlError, Interrupted
+from attrctl.faults import fault
 from attrctl.heads import forward_with_tap
 from attrctl.losses import RegHead, regularized_lm_loss
 from attrctl.paths import atomic_dir
@@ -160,8 +161,15 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     bar.update(step)
     start = time.perf_counter()
     history: list[dict] = []
-    StopRequest.in_loop = True  # SIGINT/SIGTERM now: finish the step, checkpoint, stop
+    StopRequest.begin_job()  # SIGINT/SIGTERM from here: finish the step, checkpoint, stop
     while step < ft.steps:
+        if StopRequest.requested:  # asked during the step just done (or before the first)
+            _checkpoint(ctx, i, model, opt, step)
+            bar.close()
+            raise Interrupted(
+                f"stopped at step {step}/{ft.steps} of θ_{i}; checkpoint saved in "
+                f"{run.checkpoint(i)}. Continue with: attrctl train --resume {run.root}"
+            )
         t0 = time.perf_counter()
         sums: dict[str, Any] = {"ce": 0.0, "kl": 0.0, "loss": 0.0, "head": [0.0] * len(heads)}
         kl_dom = torch.zeros(len(mixture.domains), dtype=torch.float64)
@@ -208,17 +216,12 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
         ctx.log(record)
         history.append(record)
         bar.update(1, ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.4f}")
-        if StopRequest.requested and step < ft.steps:
-            StopRequest.in_loop = False
+        if step % ft.checkpoint_every == 0 and step < ft.steps and not StopRequest.requested:
             _checkpoint(ctx, i, model, opt, step)
-            bar.close()
-            raise Interrupted(
-                f"stopped at step {step}/{ft.steps} of θ_{i}; checkpoint saved in "
-                f"{run.checkpoint(i)}. Continue with: attrctl train --resume {run.root}"
-            )
-        if step % ft.checkpoint_every == 0 and step < ft.steps:
-            _checkpoint(ctx, i, model, opt, step)
-    StopRequest.in_loop = False
+        fault(job, step=step)
+    # A stop asked for during the last step is not lost: θ_i is complete, so it is saved and
+    # published as usual, and the run stops at that job boundary (schedules._run).
+    StopRequest.end_job()
     bar.close()
 
     meta = {"iteration": i, "heads": head_index if has_heads else 0, "steps": ft.steps}
@@ -258,7 +261,7 @@ def _checkpoint(ctx: TrainContext, i: int, model: Any, opt, step: int) -> None:
     with atomic_dir(ctx.run.checkpoint(i)) as tmp:
         save_file(trainable_state(model), str(tmp / TRAINABLE))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
-        save_file({"cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
+        save_file(rng_state(), str(tmp / "rng.safetensors"))
         state = {"iteration": i, "step": step, "optimizer": rest, "version": CHECKPOINT_VERSION,
                  "data_position": step * ctx.policy.finetune.grad_accum}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
@@ -301,16 +304,38 @@ def _restore(ctx: TrainContext, i: int, model: Any, opt) -> int:
         raise AttrctlError(
             f"{folder}: optimizer state does not match the model ({err}); {restart}"
         ) from None
-    rng = read_safetensors(folder / "rng.safetensors", "RNG state").get("cpu")
     try:
-        if rng is None:
-            raise ValueError("no 'cpu' tensor")
-        torch.set_rng_state(rng)
+        set_rng_state(read_safetensors(folder / "rng.safetensors", "RNG state"))
     except (RuntimeError, TypeError, ValueError) as err:
         raise AttrctlError(
-            f"{folder / 'rng.safetensors'}: not a CPU RNG state ({_first_line(err)}); {restart}"
+            f"{folder / 'rng.safetensors'}: not an RNG state of this machine "
+            f"({_first_line(err)}); {restart}"
         ) from None
     return step
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    """Every generator a step may draw from: the CPU one and, where CUDA is initialised, each
+    GPU's (dropout and sampling on a GPU draw from those), so a resumed run continues the same
+    random streams."""
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for d, s in enumerate(torch.cuda.get_rng_state_all()):
+            state[f"cuda:{d}"] = s
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    """Restore :func:`rng_state`'s generators; a checkpoint with CUDA states needs as many GPUs."""
+    if "cpu" not in state:
+        raise ValueError("no 'cpu' tensor")
+    cuda = sorted((k for k in state if k.startswith("cuda:")), key=lambda k: int(k[5:]))
+    if cuda:
+        if not torch.cuda.is_available() or torch.cuda.device_count() < len(cuda):
+            have = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            raise ValueError(f"saved with {len(cuda)} CUDA generator(s), this machine has {have}")
+        torch.cuda.set_rng_state_all([state[k] for k in cuda])
+    torch.set_rng_state(state["cpu"])
 
 
 def _first_line(err: BaseException) -> str:

@@ -1,6 +1,6 @@
 """One job of a parallel iteration, run as its own process by :func:`run_roles`.
 
-    python -m attrctl.train.role RUN_DIR ROLE INDEX [ARG]
+    python -m attrctl.train.role RUN_DIR ROLE INDEX ARG ITERATION
 
 It reads the run's resolved policy (``policy.yaml``) and only what the manifest lists, runs the job,
 and writes its result to ``.roles/<role>_<index>.json``; the parent publishes it.
@@ -18,6 +18,7 @@ def main(argv: list[str]) -> int:
     import torch
 
     from attrctl.errors import AttrctlError
+    from attrctl.faults import fault
     from attrctl.paths import atomic_write
     from attrctl.policy import compile_policy, load_policy
     from attrctl.train.context import StatusFileProgress, StopRequest, TrainContext
@@ -26,9 +27,11 @@ def main(argv: list[str]) -> int:
 
     root, role, idx = Path(argv[0]), argv[1], int(argv[2])
     arg = int(argv[3]) if len(argv) > 3 and argv[3] != "" else None
+    iteration = argv[4] if len(argv) > 4 else "?"
     folder = root / ".roles"
     StopRequest.install()  # SIGTERM from the parent: a fine-tune checkpoints before it stops
     try:
+        fault(f"parallel/{iteration}", role=role)  # a test's proof that the roles overlap
         policy = load_policy(root / "policy.yaml")
         settings = policy.schedule.role(role)
         if settings.threads:

@@ -182,11 +182,15 @@ class RunDir:
             fh.writelines(json.dumps(r, sort_keys=True) + "\n" for r in keep)
 
     # ---------------------------------------------------------------------------- ownership
-    def claim(self, policy_yaml: str, *, resume: bool, meta: dict | None = None) -> None:
+    def claim(
+        self, policy_yaml: str, *, resume: bool, meta: dict | None = None, legacy: str | None = None
+    ) -> None:
         """Take the directory for this policy, or refuse (another policy's run, a live writer).
 
         A fresh run into a folder that already holds a run of the *same* policy continues it
         (as ``--resume`` would); one that holds another policy's run is refused untouched.
+        ``legacy``: the policy as an earlier attrctl fingerprinted it; a run recorded under it is
+        the same run, and its run.json is brought up to date.
         """
         if self.root.exists() and not self.root.is_dir():
             raise AttrctlError(f"{self.root}: not a folder; pass another --out")
@@ -209,6 +213,9 @@ class RunDir:
             if run_json.exists():
                 info = read_json(run_json, "run.json")
                 theirs = info.get("policy_fingerprint") if isinstance(info, dict) else None
+                if legacy is not None and theirs == policy_fingerprint(legacy) != fp:
+                    write_json(run_json, {**info, "policy_fingerprint": fp})
+                    theirs = fp
                 if theirs != fp:
                     name = info.get("policy_name", "?") if isinstance(info, dict) else "?"
                     raise AttrctlError(

@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from attrctl.errors import AttrctlError, Interrupted
+from attrctl.faults import fault
 from attrctl.paths import atomic_write
 from attrctl.policy.compile import CompiledPolicy, compile_policy
 from attrctl.policy.schema import Policy
@@ -53,10 +54,17 @@ class TrainResult:
 
 
 def fingerprint_text(policy: Policy) -> str:
-    """What identifies a run's policy: everything but where it runs (output_dir, roles)."""
+    """What identifies a run's policy: everything but where it runs (output_dir, roles) and how
+    many iterations it runs (a run extended with more iterations is the same run)."""
+    return _fingerprint_text(policy, legacy=False)
+
+
+def _fingerprint_text(policy: Policy, legacy: bool) -> str:
     data = resolved_dict(policy)
     data.pop("output_dir", None)
     data.get("schedule", {}).pop("roles", None)
+    if not legacy:  # more iterations extend a run: the same jobs come first (runs made before
+        data.get("schedule", {}).pop("iterations", None)  # this rule hashed them: legacy=True)
     # Settings that do not change a regularized run stay out of its fingerprint, so runs made
     # before `finetune.objective` existed still resume.
     ft = data.get("finetune", {})
@@ -91,8 +99,10 @@ def train(
         run.claim(
             fingerprint_text(policy), resume=resume,
             meta={"policy_name": policy.name, "seed": policy.seed, "world": world},
+            legacy=_fingerprint_text(policy, legacy=True),
         )  # fmt: skip
     try:  # a failure before the main try below must still give the run directory up
+        trained = _check_iterations(run, policy.schedule.iterations) if rank == 0 else 0
         if rank == 0:
             write_json(root / "policy.json", resolved_dict(policy))
             with atomic_write(root / "policy.yaml") as fh:  # a resume reads it: never half of it
@@ -118,10 +128,11 @@ def train(
                       "after another (each job already uses every rank)", file=sys.stderr)  # fmt: skip
             _sequential(ctx)
         _run(ctx, "sample", policy.schedule.iterations)  # S_I from the final model
-        if ctx.writer and not (root / "model" / "final").exists():
+        if ctx.writer and _final_iteration(run, trained) != policy.schedule.iterations:
             from attrctl.train.export import save_final
 
-            save_final(ctx)
+            save_final(ctx)  # fresh, or a run extended with more iterations
+            run.publish("final", {"iteration": policy.schedule.iterations})
         if ctx.writer:
             from attrctl.train.report import plot_run
 
@@ -137,6 +148,27 @@ def train(
         if ctx.writer:
             run.release()
     return TrainResult(run_dir=root, state=run.state(), seconds=time.perf_counter() - start)
+
+
+def _check_iterations(run: RunDir, iterations: int) -> int:
+    """How many iterations the run has trained; it may be extended, never cut below that."""
+    done = [int(j.split("/")[1]) for j in run.state()["jobs"] if j.startswith("finetune/")]
+    trained = max(done, default=0)
+    if trained > iterations:
+        raise AttrctlError(
+            f"{run.root} has trained {trained} iterations; schedule.iterations={iterations} "
+            "would drop some. Use a number ≥ that (more iterations extend the run)"
+        )
+    return trained
+
+
+def _final_iteration(run: RunDir, trained_at_start: int) -> int | None:
+    """Which θ_i ``model/final`` holds: the manifest's ``final`` record, or — in a run made
+    before that record existed — the last θ trained when this start began; None: not saved."""
+    rec = run.done("final")
+    if rec is not None:
+        return rec["iteration"]
+    return trained_at_start if (run.root / "model" / "final").exists() else None
 
 
 # ------------------------------------------------------------------------------------ data
@@ -213,9 +245,16 @@ def _parallel(ctx: TrainContext) -> None:
         if not todo:
             continue
         t0 = time.perf_counter()
-        results = run_roles(ctx, todo)
+        results = run_roles(ctx, todo, iteration=i)
+        failed = [res["error"] for res in results if "error" in res]
         for (role, idx, _), res in zip(todo, results, strict=True):
-            _publish(ctx, role, idx, res)
+            if "error" not in res:  # kept even when another role failed: a resume skips it
+                _publish(ctx, role, idx, res)
+        if failed:
+            raise AttrctlError(
+                "parallel role(s) failed: " + "; ".join(failed) + ". The roles that finished are "
+                f"kept; continue with: attrctl train --resume {ctx.run.root}"
+            )
         walls = {r: res["wall_s"] for (r, _, _), res in zip(todo, results, strict=True)}
         ctx.log({"kind": "parallel_iteration", "iteration": i, "role_wall_s": walls,
                  "critical_path_s": max(walls.values()),
@@ -241,6 +280,11 @@ def _run(ctx: TrainContext, role: str, idx: int, arg: int | None = None) -> None
     res["wall_s"] = time.perf_counter() - t0
     _publish(ctx, role, idx, res)
     dist.barrier(ctx)
+    if StopRequest.requested:  # SIGINT/SIGTERM during the job's last step: it is kept, and the
+        raise Interrupted(  # run stops here rather than carrying the request into the next job
+            f"stopped after {_job_name(role, idx)}; finished jobs are kept. Continue with: "
+            f"attrctl train --resume {ctx.run.root}"
+        )
 
 
 def run_job(ctx: TrainContext, role: str, idx: int, arg: int | None) -> dict[str, Any]:
@@ -260,6 +304,7 @@ def _publish(ctx: TrainContext, role: str, idx: int, res: dict[str, Any]) -> Non
         return
     ctx.log({"kind": role, "job": _job_name(role, idx), **res})
     ctx.run.publish(_job_name(role, idx), res)
+    fault("publish", job=_job_name(role, idx))
     if role == "finetune":
         import shutil
 
@@ -280,12 +325,14 @@ def _set_threads(n: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------------ roles
-def run_roles(ctx: TrainContext, jobs: list[tuple[str, int, int | None]]) -> list[dict]:
+def run_roles(
+    ctx: TrainContext, jobs: list[tuple[str, int, int | None]], iteration: int
+) -> list[dict]:
     """Run jobs at the same time, one process each; wait for all; return their results.
 
     Each process reads the resolved policy and what the manifest lists, writes its output and a
-    result file; this process alone publishes them (one manifest writer). A failed role is
-    reported with the tail of its log; the others' outputs are kept.
+    result file; this process alone publishes them (one manifest writer). A failed role's result
+    is ``{"error": <its exit code and the tail of its log>}``; the caller publishes the others.
     """
     folder = ctx.run.root / ".roles"
     folder.mkdir(exist_ok=True)
@@ -299,7 +346,7 @@ def run_roles(ctx: TrainContext, jobs: list[tuple[str, int, int | None]]) -> lis
         for suffix in (".json", ".status.json"):
             (folder / f"{name}{suffix}").unlink(missing_ok=True)
         cmd = [sys.executable, "-m", "attrctl.train.role", str(ctx.run.root), role, str(idx),
-               "" if arg is None else str(arg)]  # fmt: skip
+               "" if arg is None else str(arg), str(iteration)]  # fmt: skip
         log = (folder / f"{name}.log").open("w")
         procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
     try:
@@ -313,15 +360,12 @@ def run_roles(ctx: TrainContext, jobs: list[tuple[str, int, int | None]]) -> lis
         for _, proc in procs:
             proc.wait()
         raise
-    results, failed = [], []
+    results = []
     for (name, _), code in zip(procs, codes, strict=True):
         out = folder / f"{name}.json"
         if code != 0 or not out.exists():
             tail = (folder / f"{name}.log").read_text(errors="replace").strip().splitlines()[-5:]
-            failed.append(f"{name} (exit {code}): " + " | ".join(tail))
-            results.append({})
+            results.append({"error": f"{name} (exit {code}): " + " | ".join(tail)})
         else:
             results.append(json.loads(out.read_text()))
-    if failed:
-        raise AttrctlError("parallel role(s) failed: " + "; ".join(failed))
     return results
