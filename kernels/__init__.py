@@ -18,9 +18,65 @@ interpreter (``TRITON_INTERPRET=1``), so set that variable before the first call
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
-from attrctl.kernels._utils import KernelConfig, triton_support
+
+def _defer_to_installed_kernels() -> None:
+    """Replace this module, imported under the top-level name ``kernels``, by the real one.
+
+    This folder is the package ``attrctl.kernels`` (pyproject's ``package-dir``), but it also sits
+    at the top of the repository, so whenever the repo root is on ``sys.path`` — ``python -m …``
+    or ``python -c`` or a notebook started there, the parallel roles (``python -m
+    attrctl.train.role``) and ``torchrun -m attrctl.cli`` launched there — ``import kernels`` finds
+    it before the PyPI ``kernels`` package in site-packages. transformers probes that package
+    (``find_spec("kernels")`` plus the installed distribution's version) and, if it is there,
+    runs ``from kernels import CUDAProperties, …``, which then failed with an ImportError.
+
+    So, imported as ``kernels``, this file finds what ``import kernels`` would have found without
+    the repo root on ``sys.path`` and puts it in ``sys.modules``; the import returns that module,
+    not this one (CPython returns ``sys.modules[name]`` after executing a module). Other fixes
+    were weaker: renaming the folder breaks the layout; a hook in ``attrctl/__init__.py`` misses
+    every session that imports transformers without attrctl; running subprocesses outside the
+    repo leaves the user's own commands broken; and raising ImportError here would make
+    transformers' probe (which has already seen the spec and the installed version) fail too.
+    If no other ``kernels`` is installed, this module stays as it is: it has no ``__version__``,
+    so transformers counts hub kernels as unavailable, as it would without the repo root.
+    """
+    import importlib.machinery
+    import importlib.util
+    import os
+
+    root = os.path.dirname(os.path.dirname(os.path.realpath(__file__)))  # the folder above kernels/
+    here = os.path.join(root, "kernels")
+
+    def ours(p: str | None) -> bool:
+        return p is not None and os.path.realpath(p).startswith(here + os.sep)
+
+    # "" on sys.path is the current directory
+    path = [p for p in sys.path if not (isinstance(p, str) and os.path.realpath(p or ".") == root)]
+    for finder in sys.meta_path:  # the usual import search, minus the repo root
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        spec = find("kernels", path if finder is importlib.machinery.PathFinder else None)
+        if spec is None or spec.loader is None or ours(spec.origin):
+            continue
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["kernels"] = module
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            sys.modules.pop("kernels", None)
+            raise
+        return
+
+
+if __name__ == "kernels":  # never when imported as attrctl.kernels
+    _defer_to_installed_kernels()
+
+# after the check above: imported as `kernels`, nothing of attrctl should run before it
+from attrctl.kernels._utils import KernelConfig, triton_support  # noqa: E402
 
 if TYPE_CHECKING:
     import torch
