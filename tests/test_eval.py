@@ -343,20 +343,64 @@ def test_eval_of_a_finished_run(run_cli, tiny_run, tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.ci
-def test_guided_eval_uses_the_runs_heads(run_cli, tiny_run, tmp_path):
+def test_guided_eval_uses_the_runs_heads(run_cli, tiny_run, tmp_path, monkeypatch):
+    """Guidance is observed in what is sampled: the run's heads are rewritten to veto every
+    token but a few (logσ(−60) = −60 on the logits of the others), so guided continuations hold
+    only those tokens, while the same rows (same seeds) sampled unguided do not."""
     pytest.importorskip("attrctl.guided")
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from attrctl.models import load_model
+    from attrctl.train.rundir import open_finished_run
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run)  # the module's run stays as trained for the other tests
+    heads_file = open_finished_run(run).heads_dir / "heads.safetensors"
+    tensors = load_file(str(heads_file))
+    tok = load_model("tiny-random").tokenizer
+    allowed = set(tok(" the cat sat on a mat", add_special_tokens=False).input_ids)
+    assert tok.eos_token_id not in allowed and len(allowed) < len(tok) / 50
+    bias = torch.full_like(tensors["0.bias"], -60.0)  # r = −60 everywhere: R ≈ 0 ...
+    bias[sorted(allowed)] = 60.0  # ... but on the allowed tokens: R ≈ 1
+    tensors["0.weight"] = torch.zeros_like(tensors["0.weight"])  # r does not depend on the text
+    tensors["0.bias"] = bias
+    save_file(tensors, str(heads_file))
+
+    sampled: list[tuple] = []  # (the processor passed, the rows) per eval
+    original = control.sample_eval_continuations
+
+    def spy(*args, **kwargs):
+        rows = original(*args, **kwargs)
+        sampled.append((kwargs.get("logits_processor"), rows))
+        return rows
+
+    monkeypatch.setattr(control, "sample_eval_continuations", spy)
     prompts = _prompt_file(tmp_path)
     common = ["-k", "3", "--max-new-tokens", "4", "--prompts", prompts, "--ppl-tokens", "0",
               "--mc-examples", "0", "-q"]  # fmt: skip
-    code, _, err = run_cli("eval", tiny_run, "--guided", tiny_run, *common)
+    code, _, err = run_cli("eval", run, *common)  # unguided: the baseline rows
     assert code == 0, err
-    result = json.loads((tiny_run / "eval_guided.json").read_text())
+    code, _, err = run_cli("eval", run, "--guided", run, *common)
+    assert code == 0, err
+    result = json.loads((run / "eval_guided.json").read_text())
     _check_schema(result, ["p.txt"])
     assert result["method"] == "nado_decoding" and result["label"] == "tiny_eval (guided)"
-    assert result["guided"] == str(tiny_run)
+    assert result["guided"] == str(run)
     # a plain model guided by the run's heads: its own folder, its own file
-    code, _, err = run_cli("eval", "tiny-random", "--guided", tiny_run, *common,
+    code, _, err = run_cli("eval", "tiny-random", "--guided", run, *common,
                            "--out", tmp_path / "base")  # fmt: skip
     assert code == 0, err
     plain = json.loads((tmp_path / "base" / "eval_guided.json").read_text())
     assert plain["method"] == "nado_decoding" and plain["policy"] == "tiny_eval"
+
+    (none, unguided), (proc, guided), (proc_base, guided_base) = sampled
+    assert none is None and proc is not None and proc_base is not None
+    key = [(r.prompt_set, r.prompt_index, r.sample, r.prompt) for r in unguided]
+    assert len(key) == 2 * 3 and key == [(r.prompt_set, r.prompt_index, r.sample, r.prompt)
+                                         for r in guided]  # fmt: skip
+    # unguided, the run's model samples from all of its vocabulary; guided, only allowed tokens,
+    # and no stop token (vetoed too), so every row runs to --max-new-tokens
+    assert any(set(r.tokens) - allowed for r in unguided), [r.tokens for r in unguided]
+    for r in guided + guided_base:
+        assert set(r.tokens) <= allowed and len(r.tokens) == 4, (r.tokens, sorted(allowed))

@@ -4,7 +4,8 @@ Public API:
 
 * :func:`token_kl` — KL(q_t ‖ p_t) per row from given logits (the I-projection regularizer).
 * :func:`regularized_lm_loss` — fused-linear ``CE + λ_t·KL(sg[q_t] ‖ p_t)`` from hidden states
-  and the LM head weight; the fast paths never hold the ``[N, V]`` logits of the whole batch.
+  and the LM head weight; the fast paths hold the logits of ``C`` rows at a time, never the
+  ``[N, V]`` of the whole batch once N exceeds C (:func:`attrctl.losses.chunked.pick_chunk_size`).
 * :func:`head_fit_loss` — the NADO head loss (BCE on the taken token + μ·consistency), fused the
   same way, with gradients to the head.
 

@@ -6,8 +6,10 @@ the logits twice (once for the LSEs, once for the gradient) — a third more mat
 chunk holds whole vocabulary rows instead, so one matmul gives the logits, the LSEs come from
 the row sums of ``exp(ℓ − max ℓ)`` (in ``[1, V]``: the max entry is exactly 1), and the gradient
 is written in place. The working set is three ``[C, V]`` fp32 buffers reused for every chunk
-(one without heads), with ``C`` picked from a memory budget (:data:`CHUNK_BUDGET_BYTES`), so
-memory is ``O(C·V + V·H)`` instead of eager's ``O(N·V)``: about 6 fp32 ``[N, V]`` tensors.
+(one without heads), with ``C`` picked from a memory budget (:func:`pick_chunk_size`), so
+memory is ``O(C·V + V·H)`` instead of eager's ``O(N·V)``: about 6 fp32 ``[N, V]`` tensors. At most
+``C × V`` logits are live at once; when ``N ≤ C`` (N ≤ 336 at V = 49,152) the whole batch is one
+chunk and its ``[N, V]`` logits *are* formed, in buffers no larger than the budget.
 
 Per chunk of rows (``regularized_lm_loss``), with ``ws_t`` the row's weight in the reduced loss:
 
@@ -46,7 +48,7 @@ import torch.nn.functional as F
 
 from attrctl.losses.types import HeadFitOutput, LossOptions, LossOutput, RegHead
 
-#: Bytes for the three [C, V] fp32 working buffers. 192 MiB gives C ≈ 340 rows at V = 49,152:
+#: Bytes for the three [C, V] fp32 working buffers. 192 MiB gives C = 336 rows at V = 49,152:
 #: large enough that the per-chunk ``grad_W`` update (a read-modify-write of all of ``[V, H]``)
 #: stays a small share of the time, small enough to be a fraction of eager's memory.
 CHUNK_BUDGET_BYTES = 192 * 2**20
@@ -54,12 +56,23 @@ _N_BUFFERS = 3
 
 
 def pick_chunk_size(n: int, v: int, chunk_size: int | None = None, h: int = 0) -> int:
-    """Rows per chunk: ``chunk_size`` if given, else the most rows whose buffers fit the budget.
+    """Rows per chunk ``C``: ``min(chunk_size, n)`` if given, else the most rows, a multiple of 8
+    and at least 8, whose three fp32 ``[C, V]`` buffers fit the budget ``B`` bytes:
 
-    The budget is :data:`CHUNK_BUDGET_BYTES`, or a quarter of the fp32 ``[V, H]`` weight
-    gradient when that is larger (Llama-3: 2 GiB → 512 MiB). The weight gradient has to exist
-    anyway, and each chunk re-reads and re-writes all of it (``grad_W += Tᵀ x``), so at large
-    ``V·H`` bigger chunks trade a small memory increase for far fewer passes over it.
+        C = min(n, max(8, 8·⌊B / (3·4·V·8)⌋)),   B = max(CHUNK_BUDGET_BYTES, V·H)
+
+    The budget is :data:`CHUNK_BUDGET_BYTES` (192 MiB), or a quarter of the fp32 ``[V, H]``
+    weight gradient (``V·H`` bytes) when that is larger (Llama-3: 2 GiB → 512 MiB). The weight
+    gradient has to exist anyway, and each chunk re-reads and re-writes all of it
+    (``grad_W += Tᵀ x``), so at large ``V·H`` bigger chunks trade a small memory increase for far
+    fewer passes over it.
+
+    This is the memory bound of the chunked losses: at most ``C × V`` fp32 logits are live at
+    once (with heads, two more ``[C, V]`` buffers: log R and q), whatever N is. C = 336 at
+    SmolLM2's V = 49,152 (H 576) and at Llama-3's V = 128,256 (H 4,096; there B = V·H, so
+    C ≈ H/12). When ``n ≤ C`` the whole batch is one chunk: its ``[N, V]`` logits (and head
+    logits) are formed, once, in buffers no larger than ``B``; only for ``n > C`` does the pass
+    avoid them. (``tests/test_chunked_memory.py`` checks the rule and the bound.)
     """
     if chunk_size is not None:
         return max(1, min(chunk_size, n))
