@@ -9,25 +9,33 @@
 
 :func:`load_yaml` refuses each of these with a :class:`YAMLProblem` that says where: a duplicate
 key names the key and both lines; nesting deeper than :data:`MAX_DEPTH`, more than
-:data:`MAX_VALUES` values once aliases are expanded, an alias inside its own anchor, or parsing
-for longer than :data:`MAX_SECONDS` are errors too, as is every parser error (with its line and
-column), a control character, and running out of memory. Callers bound the size of what they pass.
+:data:`MAX_NODES` nodes written in the text, more than :data:`MAX_VALUES` values once aliases
+are expanded, or an alias inside its own anchor are errors too, as is every parser error (with
+its line and column), a control character, and running out of memory. Callers bound the size of
+what they pass. Every limit counts work, never time: whether a text is accepted does not depend
+on how fast or how loaded the machine is.
 
-Parsing uses libyaml where PyYAML was built with it (a 1 MiB file in well under a second; the
-pure-Python parser takes ~10 s for the worst 1 MiB), else the pure-Python parser, with the depth
-and time counted while composing.
+Parsing uses libyaml where PyYAML was built with it, else the pure-Python parser, with the depth
+and the nodes counted while composing (a 1 MiB file of the worst allowed shape takes a few
+seconds there, a fraction of that with libyaml).
 """
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import yaml
 
 MAX_DEPTH = 64  # nesting levels; a policy needs 5
 MAX_VALUES = 200_000  # scalars, lists and mappings after alias expansion; a policy has ~200
-MAX_SECONDS = 10.0  # a 1 MiB file of the worst shape parses in ~3 s here
+# Nodes written in the text: each scalar, list, mapping and alias counts once (an alias is not
+# expanded here; MAX_VALUES bounds the expansion). A policy has ~200. Callers cap a policy file
+# at 1 MiB; the most keys that fit in it (`k{i}: {i}` lines, the slowest shape of an allowed
+# file) are 152,966 nodes, under this bound, so such a file still gets its list of unknown keys.
+# Denser shapes (`[a,a,...]`: a node per 2 bytes) are refused here rather than composed in full.
+# What is written never outnumbers what it expands to, so this bound refuses only texts that
+# MAX_VALUES would refuse too, but while composing, before the work is done.
+MAX_NODES = 200_000
 
 
 class YAMLProblem(Exception):
@@ -38,7 +46,7 @@ class YAMLProblem(Exception):
         problem: what is wrong, without the place.
         line, column: 1-based place of the problem, or None.
         kind: ``"syntax"`` (the text is not valid YAML), ``"duplicate"`` (a key written twice)
-            or ``"limit"`` (too deep, too many values, too slow, out of memory).
+            or ``"limit"`` (too deep, too many nodes, too many values, out of memory).
     """
 
     def __init__(self, problem: str, line: int | None = None, column: int | None = None,
@@ -105,9 +113,9 @@ class _PyLoader(
     yaml.resolver.Resolver,
 ):
     """The pure-Python loader (where PyYAML was built without libyaml): its composer recurses
-    once per level, so depth and time are counted while composing."""
+    once per level, so depth and nodes are counted while composing."""
 
-    def __init__(self, stream: str, deadline: float):
+    def __init__(self, stream: str):
         yaml.reader.Reader.__init__(self, stream)
         yaml.scanner.Scanner.__init__(self)
         yaml.parser.Parser.__init__(self)
@@ -115,15 +123,16 @@ class _PyLoader(
         _StrictConstructor.__init__(self)
         yaml.resolver.Resolver.__init__(self)
         self._depth = 0
-        self._deadline = deadline
+        self._nodes = 0  # compose_node calls: nodes and aliases, in the order of the text
 
     def compose_node(self, parent, index):
         self._depth += 1
         try:
             if self._depth > MAX_DEPTH:
                 raise _Refused(_TOO_DEEP, self.peek_event().start_mark)
-            if time.monotonic() > self._deadline:
-                raise _Refused(_TOO_SLOW, self.peek_event().start_mark)
+            self._nodes += 1
+            if self._nodes > MAX_NODES:
+                raise _Refused(_too_many_nodes(), self.peek_event().start_mark)
             return super().compose_node(parent, index)
         finally:
             self._depth -= 1
@@ -136,7 +145,7 @@ if getattr(yaml, "__with_libyaml__", False):
         """libyaml's parser (~20× faster: 1 MiB in a fraction of a second; it stops at 1,000
         levels of nesting by itself, the stricter depth limit is checked on its node graph)."""
 
-        def __init__(self, stream: str, deadline: float):
+        def __init__(self, stream: str):
             yaml.cyaml.CParser.__init__(self, stream)
             _StrictConstructor.__init__(self)
             yaml.resolver.Resolver.__init__(self)
@@ -144,7 +153,11 @@ if getattr(yaml, "__with_libyaml__", False):
     _LOADER = _CLoader
 
 _TOO_DEEP = f"nested more than {MAX_DEPTH} levels deep"
-_TOO_SLOW = f"took longer than {MAX_SECONDS:g} s to parse"
+
+
+def _too_many_nodes() -> str:  # read at raise time: a test may lower MAX_NODES
+    return (f"more than {MAX_NODES:,} nodes (scalars, lists, mappings and aliases); a policy "
+            "has a few hundred")  # fmt: skip
 
 
 def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
@@ -152,17 +165,16 @@ def load_yaml(text: str) -> tuple[Any, yaml.Node | None]:
 
     Raises:
         YAMLProblem: the text is not valid YAML, names a key twice in one mapping, nests too
-            deeply, expands to too many values, refers to an anchor from inside it, takes too
-            long, or does not fit in memory.
+            deeply, has too many nodes, expands to too many values, refers to an anchor from
+            inside it, or does not fit in memory.
     """
-    deadline = time.monotonic() + MAX_SECONDS
     try:
-        loader = _LOADER(text, deadline)
+        loader = _LOADER(text)
         try:
             node = loader.get_single_node()
             if node is None:
                 return None, None
-            _check_graph(node, deadline)
+            _check_graph(node)
             return loader.construct_document(node), node
         finally:
             loader.dispose()
@@ -214,19 +226,18 @@ def _children(node: yaml.Node) -> list[yaml.Node]:
     return []
 
 
-def _check_graph(root: yaml.Node, deadline: float) -> None:
-    """Refuse a node graph that, once its aliases are expanded, nests deeper than MAX_DEPTH or
-    stands for more than MAX_VALUES values, or that holds an alias inside its own anchor (a
-    cycle). One pass, linear in the graph (shared nodes are measured once)."""
+def _check_graph(root: yaml.Node) -> None:
+    """Refuse a node graph written with more than MAX_NODES nodes and aliases, that, once its
+    aliases are expanded, nests deeper than MAX_DEPTH or stands for more than MAX_VALUES values,
+    or that holds an alias inside its own anchor (a cycle). One pass, linear in the graph (shared
+    nodes are measured once). The walk goes in the order of the text and counts each node and
+    each alias once, as the pure-Python composer does, so libyaml's graph meets the same bound."""
     size: dict[int, int] = {}
     height: dict[int, int] = {}
     on_path: set[int] = set()
     stack: list[tuple[yaml.Node, bool]] = [(root, False)]
-    steps = 0
+    nodes = 0
     while stack:
-        steps += 1
-        if steps % 4096 == 0 and time.monotonic() > deadline:
-            raise _Refused(_TOO_SLOW, root.start_mark)
         node, children_done = stack.pop()
         key = id(node)
         children = _children(node)
@@ -240,6 +251,9 @@ def _check_graph(root: yaml.Node, deadline: float) -> None:
                     node.start_mark,
                 )
             continue
+        nodes += 1  # a node, or an alias of one measured already (refused at its anchor's place)
+        if nodes > MAX_NODES:
+            raise _Refused(_too_many_nodes(), node.start_mark)
         if key in size:
             continue
         on_path.add(key)
@@ -247,8 +261,7 @@ def _check_graph(root: yaml.Node, deadline: float) -> None:
         for child in children:
             if id(child) in on_path:
                 raise _Refused("an alias refers to the anchor it is inside of", child.start_mark)
-            if id(child) not in size:
-                stack.append((child, False))
+        stack.extend((child, False) for child in reversed(children))  # the first on top
     if height[id(root)] > MAX_DEPTH:  # say where: walk down the deepest path
         node = root
         for _ in range(MAX_DEPTH):

@@ -965,22 +965,94 @@ def test_regression_oversized_and_not_utf8_policy(run_cli, tmp_path):
     assert code == 2 and "not UTF-8 text" in err and "line 7" in err
 
 
-def test_regression_worst_case_parse_time_is_bounded(run_cli, tmp_path):
-    """Just under 1 MiB of distinct keys — the slowest shape of an allowed file — ends with one
-    clear message (problems listed up to 50, then counted) in bounded time."""
-    import time
+def _loaders() -> list:
+    """The loaders strict_yaml can use here: pure Python always, libyaml where PyYAML has it."""
+    from attrctl import strict_yaml
 
+    found = [pytest.param(strict_yaml._PyLoader, id="py")]
+    if hasattr(strict_yaml, "_CLoader"):
+        found.append(pytest.param(strict_yaml._CLoader, id="libyaml"))
+    return found
+
+
+def _nodes_written(text: str) -> int:
+    """Nodes and aliases written in a YAML text (what MAX_NODES bounds), counted on PyYAML's own
+    node graph, independently of attrctl.strict_yaml: the root, and every child of each distinct
+    node (an alias is a second reference to its anchor's node)."""
+    root = yaml.compose(text, Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))
+    count, seen, todo = 1, set(), [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen or not isinstance(node, yaml.CollectionNode):
+            continue
+        seen.add(id(node))
+        children = [n for pair in node.value for n in pair] if isinstance(
+            node, yaml.MappingNode) else node.value  # fmt: skip
+        count += len(children)
+        todo.extend(children)
+    return count
+
+
+def _most_keys_in_1_mib() -> str:
     lines, size, i = [VALID], len(VALID), 0
     while size < 2**20 - 64:
         line = f"k{i}: {i}\n"
         lines.append(line)
         size, i = size + len(line), i + 1
-    path = _write(tmp_path, "".join(lines))
-    t0 = time.perf_counter()
+    return "".join(lines)
+
+
+@pytest.mark.parametrize("loader", _loaders())
+def test_regression_worst_case_parse_is_bounded_by_work(run_cli, tmp_path, monkeypatch, loader):
+    """Just under 1 MiB of distinct keys — the slowest shape of an allowed file — ends with one
+    clear message (problems listed up to 50, then counted). Parsing is bounded by MAX_NODES, a
+    count of nodes rather than seconds, and this file stays under it with either loader, so
+    whether it gets that message does not depend on the machine's speed or load."""
+    from attrctl import strict_yaml
+
+    monkeypatch.setattr(strict_yaml, "_LOADER", loader)
+    text = _most_keys_in_1_mib()
+    assert 150_000 < _nodes_written(text) < strict_yaml.MAX_NODES
+    path = _write(tmp_path, text)
     code, _, err = run_cli("policy", "validate", path)
     assert code == 2 and "unknown key 'k0'" in err and "more problems" in err
-    assert len(err.splitlines()) < 60
-    assert time.perf_counter() - t0 < 45  # MAX_SECONDS bounds the parse itself at 10 s
+    assert len(err.splitlines()) < 60 and "nodes" not in err
+
+
+@pytest.mark.parametrize("loader", _loaders())
+def test_more_nodes_than_max_nodes_is_refused(run_cli, tmp_path, monkeypatch, loader):
+    """A text with more than MAX_NODES nodes (aliases counted, not expanded) is refused with kind
+    "limit", naming the limit and the place of the first node past it; one at the bound is read.
+    Both loaders count the same nodes (libyaml's in the graph check)."""
+    from attrctl import strict_yaml
+    from attrctl.strict_yaml import YAMLProblem, load_yaml
+
+    monkeypatch.setattr(strict_yaml, "_LOADER", loader)
+    monkeypatch.setattr(strict_yaml, "MAX_NODES", 50)
+
+    def items(n: int) -> str:  # a mapping, its key, a list and n items: n + 3 nodes
+        return "a:\n" + "".join(f"  - x{i}\n" for i in range(n))
+
+    assert _nodes_written(items(47)) == 50
+    assert load_yaml(items(47))[0] == {"a": [f"x{i}" for i in range(47)]}
+    with pytest.raises(YAMLProblem) as err:
+        load_yaml(items(48))  # the 51st node is item 47, on line 49
+    assert err.value.kind == "limit" and (err.value.line, err.value.column) == (49, 5)
+    assert str(err.value).startswith("line 49, column 5: more than 50 nodes")
+
+    def aliases(k: int) -> str:  # 6 nodes and k aliases; 2k + 6 values once expanded
+        return "a: &x [1]\nb: [" + ", ".join(["*x"] * k) + "]\n"
+
+    assert _nodes_written(aliases(44)) == 50
+    assert load_yaml(aliases(44))[0] == {"a": [1], "b": [[1]] * 44}
+    with pytest.raises(YAMLProblem, match="more than 50 nodes") as err:
+        load_yaml(aliases(45))
+    assert err.value.kind == "limit"
+
+    path = _write(tmp_path, VALID + "seed: [" + ", ".join(["1"] * 40) + "]\n")
+    code, out, err_text = run_cli("policy", "validate", path)
+    assert code == 2 and "Traceback" not in out + err_text
+    assert f"{path}" in err_text and "more than 50 nodes" in err_text and "line 7" in err_text
 
 
 @pytest.mark.parametrize(
