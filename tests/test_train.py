@@ -13,7 +13,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -137,66 +136,125 @@ def test_sequential_run_directory_and_summary(reference_run):
     assert model.config.num_hidden_layers == 2
 
 
+def run_with_fault(policy: Path, out: Path, cwd: Path, spec: str, **fault_env: str):
+    """`attrctl train` with ``ATTRCTL_FAULT`` set: the run stops, dies or waits at that named
+    point of its own code (attrctl/faults.py), whatever the machine's speed."""
+    e = env()
+    e.update({"ATTRCTL_FAULT": spec, **fault_env})
+    cmd = [sys.executable, "-m", "attrctl.cli", "train", "-p", str(policy), "--out", str(out), "-q"]
+    return subprocess.run(cmd, cwd=cwd, env=e, capture_output=True, text=True, timeout=600)
+
+
+def _kl_by_job(run: Path) -> dict[str, list[float]]:
+    kl: dict[str, list[float]] = {}
+    for r in _steps(run):
+        kl.setdefault(r["job"], []).append(r["kl"])
+    return kl
+
+
+# An attribute the tiny model's samples violate about half the time (profanity_check flags none of
+# its byte soup, so heads fitted under it stay near zero and regularize nothing measurable), and a
+# head learning rate that fits it in two epochs: θ trains with KL ≈ 3e-4–5e-4 (measured).
+SIGNAL = {
+    "attributes": [{"name": "letter_o", "oracle": {"kind": "regex", "patterns": ["o"]},
+                    "head": {"kind": "linear", "rank": 8}}],
+    "regularizer": {"prompts": ["prompts.txt"], "samples_per_prompt": 3, "max_new_tokens": 6,
+                    "epochs": 2, "batch_size": 4, "learning_rate": 0.05},
+}  # fmt: skip
+
+
 @pytest.mark.ci
 @pytest.mark.slow
-def test_parallel_matches_sequential_within_tolerance(reference_run, tmp_path):
-    run, _ = reference_run
-    policy = write_policy(tmp_path, schedule={"mode": "parallel", "iterations": 2})
-    proc = attrctl("train", "-p", policy, "--out", tmp_path / "run", "-q", cwd=tmp_path)
+def test_parallel_roles_run_at_once_and_heads_lag_one_iteration(tmp_path):
+    """Each role of an iteration waits at its start until the other two have arrived (a barrier at
+    the named point ``parallel/<i>``): a schedule that ran them one after another would stop at
+    the first role's barrier and fail after ATTRCTL_FAULT_TIMEOUT instead of passing."""
+    policy = write_policy(tmp_path, schedule={"mode": "parallel", "iterations": 3}, **SIGNAL)
+    rooms = tmp_path / "barrier"
+    spec = ",".join(f"parallel/{i}:barrier=3" for i in (1, 2, 3))
+    proc = run_with_fault(policy, tmp_path / "run", tmp_path, spec,
+                          ATTRCTL_FAULT_DIR=str(rooms), ATTRCTL_FAULT_TIMEOUT="300")  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for i in (1, 2, 3):  # all three roles of every iteration were alive at the same time
+        arrived = sorted(p.name.split(".")[0] for p in (rooms / f"parallel_{i}").iterdir())
+        assert arrived == ["role-finetune", "role-fit", "role-sample"], (i, arrived)
     assert "critical path" in proc.stdout
     state = json.loads((tmp_path / "run" / "state.json").read_text())["jobs"]
-    # parallel: θ_i trains with R_{i−1}; R_1 had no samples (zero head), R_2 fit on S_0
-    assert state["finetune/1"]["heads"] == 0 and state["finetune/2"]["heads"] == 1
-    assert state["fit/2"]["samples"] == 0 and not state["fit/1"]["fitted"]
-    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    par = [r for r in metrics if r["kind"] == "parallel_iteration"]
-    assert len(par) == 2 and all(r["critical_path_s"] <= r["sequential_sum_s"] for r in par)
-    # Same data, seed and steps; only which head regularizes differs, and the heads fitted on a
-    # few dozen samples of a random model are weak: final CE agrees within 0.02 nats (CE ≈ 6.3;
-    # an unregularized vs λ·KL-regularized difference at these heads is ~1e-3).
-    assert abs(final_ce(tmp_path / "run") - final_ce(run)) < 0.02
-
-
-def _kill_when(
-    proc: subprocess.Popen, ready, timeout: float = 300, sig=signal.SIGKILL, poll: float = 0.05
-) -> None:
-    t0 = time.time()
-    while not ready():
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended (exit {proc.returncode}) before the kill point")
-        if time.time() - t0 > timeout:
-            proc.kill()
-            raise AssertionError("kill point not reached")
-        time.sleep(poll)
-    os.kill(proc.pid, sig)
-    proc.wait(timeout=120)
+    # parallel: fit R_i on S_{i−2}, fine-tune θ_i with R_{i−1}; R_1 has no samples (zero head)
+    assert not state["fit/1"]["fitted"]
+    assert state["fit/2"]["samples"] == 0 and state["fit/3"]["samples"] == 1
+    assert [state[f"finetune/{i}"]["heads"] for i in (1, 2, 3)] == [0, 1, 2]
+    # Zero heads give q = p: θ_1 and θ_2 train with KL at rounding level (~1e-8); θ_3 trains
+    # with R_2, fitted on S_0, at the KL of a fitted head (~3e-4). A parallel run whose
+    # fine-tune used no heads, or the zero head, fails here.
+    kl = _kl_by_job(tmp_path / "run")
+    unregularized = max(abs(x) for x in kl["finetune/1"] + kl["finetune/2"])
+    fitted = min(kl["finetune/3"])
+    assert unregularized < 1e-6 and fitted > 1e-4, (unregularized, fitted)
 
 
 @pytest.mark.ci
 @pytest.mark.slow
-@pytest.mark.parametrize("moment", ["fine-tune checkpoint", "fitting", "SIGTERM mid fine-tune"])
+def test_a_failed_parallel_role_keeps_the_roles_that_finished(tmp_path):
+    policy = write_policy(tmp_path, schedule={"mode": "parallel", "iterations": 3})
+    out = tmp_path / "run"
+    proc = run_with_fault(policy, out, tmp_path, "parallel/1:role=fit:exit=3")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "fit_1 (exit 3)" in proc.stderr and "--resume" in proc.stderr
+    state = json.loads((out / "state.json").read_text())["jobs"]
+    assert "sample/0" in state and "finetune/1" in state and "fit/1" not in state
+    attrctl("train", "--resume", out, "-q", cwd=tmp_path)
+    steps = [(r["job"], r["step"]) for r in _steps(out)]
+    assert steps == [(f"finetune/{i}", s) for i in (1, 2, 3) for s in range(1, 7)]  # none redone
+
+
+def _state(run: Path) -> dict:
+    return json.loads((run / "state.json").read_text())["jobs"]
+
+
+# Each moment is a named point of the product (attrctl/faults.py) where the run kills or signals
+# itself, so the same moment is hit on any machine:
+KILL_POINTS = {
+    # mid fine-tune of θ_2, right after its step-2 checkpoint
+    "fine-tune checkpoint": ("finetune/2:step=2:SIGKILL", -signal.SIGKILL),
+    # while R_2 is being fitted (after its first optimizer step)
+    "fitting": ("fit/2:step=1:SIGKILL", -signal.SIGKILL),
+    # SIGTERM at the end of θ_1's step 1: a checkpoint at step 1, exit 130
+    "SIGTERM mid fine-tune": ("finetune/1:step=1:SIGTERM", 130),
+    # SIGTERM during θ_1's last step: θ_1 is kept and published, the run stops before sampling
+    "SIGTERM in the last step": ("finetune/1:step=6:SIGTERM", 130),
+}
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+@pytest.mark.parametrize("moment", list(KILL_POINTS))
 def test_sigkill_and_resume_is_bitwise_identical(reference_run, tmp_path, moment):
     ref, _ = reference_run
     # checkpoints do not change the computation: with none on schedule, SIGTERM's is the only one
     extra = {"finetune__checkpoint_every": 100} if moment.startswith("SIGTERM") else {}
     policy = write_policy(tmp_path, **extra)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "attrctl.cli", "train", "-p", str(policy), "--out", str(out), "-q"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stderr=subprocess.DEVNULL)
-    if moment == "fine-tune checkpoint":  # mid fine-tune of iteration 2, after a checkpoint
-        _kill_when(proc, lambda: (out / "checkpoints" / "finetune_2" / "state.json").exists())
+    spec, code = KILL_POINTS[moment]
+    proc = run_with_fault(policy, out, tmp_path, spec)
+    assert proc.returncode == code, (proc.returncode, proc.stderr[-3000:])
+    state = _state(out)
+    if moment == "fine-tune checkpoint":
+        ckpt = json.loads((out / "checkpoints" / "finetune_2" / "state.json").read_text())
+        assert ckpt["step"] == 2 and "fit/2" in state and "finetune/2" not in state
         assert (out / "lock").exists()  # the killed process never released it
-    elif moment == "fitting":  # as soon as iteration 2's fitting starts (S_1 published)
-        _kill_when(proc, lambda: '"sample/1"' in _read(out / "state.json"))
-    else:  # SIGTERM after step 1 of θ_1: the step finishes, a checkpoint is saved, exit 130
-        # (the signal must land before θ_1's 6 tiny steps end: polled often, sent early — at
-        # step 3 with 50 ms polls it once landed after the fine-tune had finished)
-        _kill_when(proc, lambda: '"step": 1' in _read(out / "metrics.jsonl"), sig=signal.SIGTERM,
-                   poll=0.005)  # fmt: skip
-        assert proc.returncode == 130
-        state = json.loads((out / "checkpoints" / "finetune_1" / "state.json").read_text())
-        assert 1 <= state["step"] < 6
-        assert not (out / "lock").exists()
+    elif moment == "fitting":
+        assert "sample/1" in state and "fit/2" not in state
+        assert not (out / "heads" / "iter_2").exists()  # killed inside the fit, before publishing
+    elif moment == "SIGTERM mid fine-tune":
+        ckpt = json.loads((out / "checkpoints" / "finetune_1" / "state.json").read_text())
+        assert ckpt["step"] == 1 and "finetune/1" not in state
+        assert "stopped at step 1/6" in proc.stderr and not (out / "lock").exists()
+    else:  # the request is honoured at the job boundary, not carried into θ_2 (which it once
+        # stopped after one step) and not lost: no sampling with θ_1 after the signal
+        assert "finetune/1" in state and "sample/1" not in state
+        assert "stopped after finetune/1" in proc.stderr and not (out / "lock").exists()
+        assert not (out / "checkpoints" / "finetune_1").exists()
     attrctl("train", "--resume", out, "-q", cwd=tmp_path)
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys()
@@ -217,13 +275,6 @@ def _tiny_params() -> dict[str, torch.Tensor]:
 def _steps(run: Path) -> list[dict]:
     recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     return [r for r in recs if r["kind"] == "step"]
-
-
-def _read(path: Path) -> str:
-    try:
-        return path.read_text()
-    except OSError:
-        return ""
 
 
 @pytest.mark.ci
@@ -305,13 +356,10 @@ def test_run_dir_of_another_policy_is_refused_untouched(reference_run, tmp_path)
 @pytest.mark.slow
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
 def test_corrupt_or_missing_checkpoint_is_a_clear_error(tmp_path, damage):
-    # 40 steps, a checkpoint every 2: the kill point (a published checkpoint of θ_1, removed when
-    # the job ends) lasts ~38 steps; at 6 steps the job could end between two polls (it did once).
-    policy = write_policy(tmp_path, finetune__steps=40)
+    policy = write_policy(tmp_path)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "attrctl.cli", "train", "-p", str(policy), "--out", str(out), "-q"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env(), stderr=subprocess.DEVNULL)
-    _kill_when(proc, lambda: (out / "checkpoints" / "finetune_1" / "state.json").exists())
+    proc = run_with_fault(policy, out, tmp_path, "finetune/1:step=2:SIGKILL")  # θ_1's checkpoint
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     ckpt = out / "checkpoints" / "finetune_1"
     if damage == "corrupt":
         data = (ckpt / "trainable.safetensors").read_bytes()
@@ -338,3 +386,63 @@ def test_empty_dataset_is_a_clear_error(tmp_path, run_cli):
 def test_resume_without_a_run_is_a_clear_error(tmp_path, run_cli):
     code, _, err = run_cli("train", "--resume", tmp_path / "nothing", "-q")
     assert code == 2 and "nothing" in err and "Traceback" not in err
+
+
+# ------------------------------------------------------------------------------ resume and flags
+def test_train_without_a_policy_asks_for_one(run_cli):
+    code, _, err = run_cli("train")  # once started a 10–17 minute run of the default policy
+    assert code == 2 and "--policy" in err and "--resume" in err and "Traceback" not in err
+
+
+def test_resume_refuses_the_flags_it_would_ignore(reference_run, tmp_path, run_cli):
+    ref, _ = reference_run
+    before = _snapshot(ref)
+    for args, needle in [
+        (["-p", "toxicity"], "-p/--policy does not apply"),
+        (["--out", tmp_path / "elsewhere"], "--out does not apply"),
+        (["--set", "seed=7"], "--set seed=7: a resumed run keeps its policy"),
+    ]:
+        code, _, err = run_cli("train", "--resume", ref, *args, "-q")
+        assert code == 2 and needle in err, err
+    assert _snapshot(ref) == before and not (tmp_path / "elsewhere").exists()
+
+
+def test_parallel_schedule_needs_three_iterations(tmp_path, run_cli):
+    policy = write_policy(tmp_path, schedule={"mode": "parallel", "iterations": 2})
+    code, _, err = run_cli("policy", "validate", policy)
+    assert code == 2 and "schedule.iterations ≥ 3" in err and "no regularizer" in err
+    # the baselines have no heads, so for them the mode does not matter
+    sft = write_policy(tmp_path, name="sft", schedule={"mode": "parallel", "iterations": 2},
+                       finetune__objective="sft")  # fmt: skip
+    assert run_cli("policy", "validate", sft)[0] == 0
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_resume_extends_a_finished_run_with_more_iterations(reference_run, tmp_path):
+    ref, _ = reference_run
+    run = tmp_path / "run"
+    shutil.copytree(ref, run)
+    proc = attrctl("train", "--resume", run, "--set", "schedule.iterations=3", "-q", cwd=tmp_path)
+    state = _state(run)
+    assert state["finetune/3"]["heads"] == 3 and state["fit/3"]["samples"] == 2
+    assert state["final"]["iteration"] == 3 and "sample/3" in state
+    for job in ("fit/2", "finetune/2", "sample/2"):  # the first two iterations were kept
+        assert state[job] == _state(ref)[job], job
+    assert [r["step"] for r in _steps(run)] == [1, 2, 3, 4, 5, 6] * 3
+    # model/final is θ_3 now (it held θ_2): its top layer equals iter_3's trainable tensors
+    final = load_file(str(run / "model" / "final" / "model.safetensors"))
+    theta3, theta2 = weights(run, "iter_3"), weights(ref)
+    assert theta3.keys() <= final.keys()
+    assert all(torch.equal(final[k], v) for k, v in theta3.items())
+    assert any(not torch.equal(final[k], v) for k, v in theta2.items())
+    assert "model/final" in proc.stdout
+    # fewer iterations than trained would drop some: refused, nothing changed
+    before = _snapshot(run)
+    res = attrctl("train", "--resume", run, "--set", "schedule.iterations=2", "-q",
+                  cwd=tmp_path, check=False)  # fmt: skip
+    _no_traceback(res)
+    assert "has trained 3 iterations" in res.stderr
+    assert {k: v for k, v in _snapshot(run).items() if k != "lock"} == {
+        k: v for k, v in before.items() if k != "lock"
+    }
