@@ -256,10 +256,15 @@ def _training_lines(run: FinishedRun, policy: dict[str, Any]) -> list[str]:
         for head, m in (f.get("heads") or {}).items():
             auc = m.get("auc")
             auc_s = "n/a" if not isinstance(auc, (int, float)) or auc != auc else f"{auc:.3f}"
-            lines.append(
-                f"- head R_{f.get('iteration')} ({head}): held-out AUC {auc_s} on "
-                f"{m.get('held_out', '?')} sequences"
-            )
+            if m.get("held_out") == 0:  # too few prompts to hold any out
+                note = (f.get("held_out") or {}).get("note", "none held out")
+                lines.append(f"- head R_{f.get('iteration')} ({head}): AUC not measured ({note})")
+                continue
+            if "held_out_prompts" in m:  # split by prompt: no held-out prompt was fitted on
+                on = f"{m['held_out_prompts']} held-out prompts ({m['held_out']} sequences)"
+            else:  # a run of an earlier version (sequences held out, their prompts not)
+                on = f"{m.get('held_out', '?')} held-out sequences"
+            lines.append(f"- head R_{f.get('iteration')} ({head}): AUC {auc_s} on {on}")
     before, after = s["before"], s["after"]
     if before and after:
         for attr, b in (before.get("violation_rate") or {}).items():

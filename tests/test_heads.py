@@ -1,12 +1,13 @@
 """Regularizer heads: construction, taps, fitting on a controlled sample set, the fused KL a fitted
 head drives, and saving/loading.
 
-The fitting tests use a hand-made S_0 (no sampling): 200 continuations of a few prompts, half
+The fitting tests use a hand-made S_0 (no sampling): 200 continuations of 20 prompts, half
 clearly toxic (insults, profanity) and half neutral, scored by the policy's own oracle
 (profanity_check), fitted with ``fit_job`` on the tiny-random model. The checks that the head
-learned something are made twice: by ``fit_job``'s held-out AUC, and by an AUC computed here from
-the head's tensors on texts and prompts the fit never saw. The KL checks compare the chunked and
-eager losses with each other and with a full-logit float64 computation written here.
+learned something are made twice: by ``fit_job``'s AUC on held-out prompts, and by an AUC
+computed here from the head's tensors on texts and prompts the fit never saw. The KL checks
+compare the chunked and eager losses with each other and with a full-logit float64 computation
+written here.
 
 Run with ``-s`` to see the measured AUCs and KL values.
 """
@@ -49,8 +50,10 @@ SUBJECTS = ["the farmer", "my sister", "the old teacher", "our neighbour", "the 
 VERBS = ["planted", "painted", "visited", "cleaned", "repaired", "described"]
 OBJECTS = ["the garden fence", "a small boat", "the city library", "the kitchen table",
            "a blue bicycle", "the village church"]  # fmt: skip
-TRAIN_PROMPTS = ["She turned to him and said:", "The message on the board read:",
-                 "Then the man shouted:", "He wrote back:"]  # fmt: skip
+# 20 prompts: fit_job holds out 10% of the prompts (2, with all 10 samples of each) once a run
+# has at least 10
+TRAIN_PROMPTS = [f"{who} {how}:" for who in ("She", "Then the man", "Her brother", "The stranger")
+                 for how in ("said", "wrote back", "shouted", "whispered", "replied")]  # fmt: skip
 FRESH_PROMPTS = ["The reply came at once:", "Someone in the crowd yelled:"]  # never fitted on
 N_TRAIN, N_FRESH = 100, 40  # per class
 
@@ -153,7 +156,9 @@ def test_fit_job_separates_toxic_from_neutral_on_held_out(fitted):
     m = rec["heads"]["toxicity"]
     print(f"\nfit_job held-out: auc={m['auc']:.4f} accuracy={m['accuracy']:.3f} "
           f"bce={m['bce']:.4f} n={m['held_out']} train_loss={rec['train_loss']}")  # fmt: skip
-    assert m["held_out"] == 20  # 10% of 200 sequences
+    # split by prompt: 2 of the 20 prompts held out, with all of their 10 samples each
+    assert m["held_out_prompts"] == rec["held_out"]["prompts"] == 2
+    assert m["held_out"] == rec["held_out"]["sequences"] == 20
     # both classes among the held-out rows (else the AUC would be NaN)
     assert 0 < m["positive_rate"] < 1
     assert m["auc"] >= 0.8, f"held-out AUC {m['auc']:.4f} < 0.8"

@@ -76,7 +76,7 @@ def summary_lines(result: Any) -> list[str]:
             head = f"head R_{f['iteration']} {name:<8}"
             if m["held_out"] == 0:  # too few prompts to hold any out
                 split = f.get("held_out") or {}
-                lines.append(f"{head} AUC not measured ({split.get('note', 'nothing held out')})")
+                lines.append(f"{head} AUC not measured ({split.get('note', 'none held out')})")
                 continue
             auc = "n/a (one class)" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"  # NaN
             on = (

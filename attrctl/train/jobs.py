@@ -20,6 +20,7 @@ import torch
 
 from attrctl.data.synth import ROW_FIELDS, read_rows, synth_source_of, work_items
 from attrctl.errors import AttrctlError
+from attrctl.faults import fault
 from attrctl.heads import forward_with_tap
 from attrctl.losses import head_fit_loss
 from attrctl.paths import atomic_write
@@ -138,6 +139,7 @@ def _sample_rows(ctx: TrainContext, i: int, items) -> list[dict]:
                 "scores": {k: round(float(v[j]), 6) for k, v in scores.items()},
             })  # fmt: skip
         bar.update(len(batch) * ctx.world)
+        fault(f"sample/{i}", batch=b // SAMPLE_BATCH + 1)
     bar.close()
     rows = dist.gather_rows(ctx, rows)
     order = {
@@ -261,26 +263,19 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
     heads.to(lm_weight.device).train()
     taps = head_taps(heads)
 
-    # a seeded shuffle, then 10% of the sequences held out for the fit metrics
-    order = list(range(len(rows)))
-    random.Random(f"fit/{ctx.policy.seed}/{i}").shuffle(order)
-    n_held = max(1, len(rows) // 10) if len(rows) >= 10 else 0
-    held, train = order[:n_held], order[n_held:]
+    # 10% of the prompts held out (all of their samples) for the fit metrics, see held_out_split
+    held, train, split = held_out_split(rows, ctx.policy.seed, i)
     labels = np.stack([a.labels(np.array([r["scores"][a.name] for r in rows]))
                        for a in ctx.compiled.attributes])  # [K, S]  # fmt: skip
     encoded = _encode(tok, rows)
-    # Global batches of `batch_size` sequences; under torchrun each rank takes every world-th
-    # sequence of each (a multiple of world sequences, so every rank takes part in every step)
-    # and divides its row sum by the global batch's rows: DDP's average over ranks is then
-    # exactly the single-process mean.
-    if ctx.world > 1:
-        train = train[: len(train) - len(train) % ctx.world]
     bs = reg.batch_size
-    global_batches = [train[b : b + bs] for b in range(0, len(train), bs)]
     n_rows = [len(ids) - max(plen, 1) for ids, plen in encoded]
-    feats = _features(model, taps, encoded, [g[ctx.rank :: ctx.world] for g in global_batches])
-    for fb, g in zip(feats, global_batches, strict=True):
-        fb["scale"] = ctx.world / max(sum(n_rows[j] for j in g), 1)
+    shards = shard_batches(train, bs, n_rows, ctx.rank, ctx.world)
+    feats = _features(model, taps, encoded, [s["index"] for s in shards])
+    for fb, s in zip(feats, shards, strict=True):
+        if not s["pad"] and int(fb["rows"].sum()) != len(s["draw"]):
+            raise AssertionError("fit: row count of a shard differs from its sequences' rows")
+        fb.update(scale=s["scale"], draw=s["draw"], global_rows=s["global_rows"], pad=s["pad"])
     held_feats = _features(
         model, taps, encoded, [held[b : b + bs] for b in range(0, len(held), bs)]
     )
@@ -300,24 +295,98 @@ def fit_job(ctx: TrainContext, i: int, sample_index: int) -> dict[str, Any]:
         for bi in perm:
             fb = feats[bi]
             y = torch.as_tensor(labels[:, fb["index"]], dtype=torch.float32)  # [K, b]
-            pair = consistency_pairs(fb["pair"], reg.consistency_rows, pairs)
+            pair = shard_consistency_pairs(fb, reg.consistency_rows, pairs)
             loss = _head_loss(fit_model, heads, fb, y, pair, lm_weight, mu, impl)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             total, count = total + loss.item(), count + 1
             bar.update(1, loss=f"{total / count:.4f}")
+            fault(f"fit/{i}", step=len(history) * len(perm) + count)
         history.append(dist.all_reduce_mean(ctx, total / max(count, 1)))
     bar.close()
     heads.eval()
-    metrics = _held_out_metrics(heads, held_feats, labels, lm_weight, ctx)
+    metrics = _held_out_metrics(heads, held_feats, labels, lm_weight, ctx, split)
     record = {"iteration": i, "fitted": True, "samples": sample_index, "epochs": reg.epochs,
               "attributes": [a.name for a in ctx.compiled.attributes],
-              "train_loss": history, **metrics,
+              "train_loss": history, "held_out": split, **metrics,
               "seconds": round(time.perf_counter() - start, 3)}  # fmt: skip
     if ctx.writer:
         save_heads(heads, ctx.run.heads(i), record)
     return record
+
+
+HELD_OUT_SHARE = 0.1  # of the prompts, when there are at least MIN_PROMPTS_HELD_OUT
+MIN_PROMPTS_HELD_OUT = 10  # fewer prompts: none held out, the fit metrics are not measured
+
+
+def held_out_split(rows: list[dict], seed: int, i: int) -> tuple[list[int], list[int], dict]:
+    """(held-out, training) sequence indices and a description of the split, for fitting R_i.
+
+    The split is by prompt (a prompt is its text): every sample of a held-out prompt is held out,
+    so the fit metrics measure the head on prompts it was not fitted on — several samples of one
+    prompt on both sides would make them optimistic. ``HELD_OUT_SHARE`` of the distinct prompts
+    are held out (a seeded draw, the same on every rank and every resume); with fewer than
+    ``MIN_PROMPTS_HELD_OUT`` prompts none is, every sequence trains and the metrics are recorded
+    as not measured. Training sequences come in a seeded shuffled order."""
+    prompts = sorted({r["prompt"] for r in rows})
+    random.Random(f"fit-prompts/{seed}/{i}").shuffle(prompts)
+    n_held = int(len(prompts) * HELD_OUT_SHARE) if len(prompts) >= MIN_PROMPTS_HELD_OUT else 0
+    held_prompts = set(prompts[:n_held])
+    order = list(range(len(rows)))
+    random.Random(f"fit/{seed}/{i}").shuffle(order)
+    held = [j for j in order if rows[j]["prompt"] in held_prompts]
+    train = [j for j in order if rows[j]["prompt"] not in held_prompts]
+    split = {"by": "prompt", "prompts": n_held, "sequences": len(held),
+             "of_prompts": len(prompts), "of_sequences": len(rows)}  # fmt: skip
+    if not n_held:
+        split["note"] = (f"no prompt held out: {len(prompts)} prompts, fewer than "
+                         f"{MIN_PROMPTS_HELD_OUT}; heads fitted on every sequence")  # fmt: skip
+    return held, train, split
+
+
+def shard_batches(train: list[int], batch_size: int, n_rows: list[int], rank: int,
+                  world: int) -> list[dict]:  # fmt: skip
+    """This rank's share of every global batch of the fit, losing no sequence.
+
+    Global batches are ``batch_size`` consecutive sequences of ``train`` (the last one may be
+    short); rank r takes every world-th sequence of each, from the r-th. Each rank scales its row
+    sum by ``world / rows of the global batch``, so DDP's gradient average over ranks is the
+    single-process mean over the global batch, however unevenly the batch splits. A rank left
+    without a sequence (a last batch shorter than ``world``) gets a padding entry — the batch's
+    first sequence at weight 0 — so that every rank runs every step and joins every all-reduce.
+
+    Per global batch: ``index`` (sequences), ``scale``, ``pad``, ``global_rows`` (continuation
+    rows of the whole global batch) and ``draw``, the positions of this rank's rows among the
+    global batch's rows, in order (so per-row random draws over the global batch are the same
+    draws as in one process)."""
+    out = []
+    for b in range(0, len(train), batch_size):
+        g = train[b : b + batch_size]
+        offsets = np.concatenate([[0], np.cumsum([n_rows[j] for j in g])]).astype(int)
+        mine = list(range(rank, len(g), world))
+        draw = [torch.arange(offsets[m], offsets[m + 1]) for m in mine]
+        out.append({
+            "index": [g[m] for m in mine] or [g[0]],
+            "scale": world / max(int(offsets[-1]), 1) if mine else 0.0,
+            "pad": not mine,
+            "global_rows": int(offsets[-1]),
+            "draw": torch.cat(draw) if draw else torch.zeros(0, dtype=torch.long),
+        })  # fmt: skip
+    return out
+
+
+def shard_consistency_pairs(fb: dict, share: float, gen: torch.Generator) -> torch.Tensor:
+    """:func:`consistency_pairs` for one rank's share of a global batch: the generator draws over
+    all of the global batch's rows on every rank (as one process draws) and each rank keeps the
+    draws of its own rows, so the rows the consistency term counts are those of one process. A
+    padding entry draws too (and keeps none), so the generator stays in step on every rank."""
+    if share >= 1.0:
+        return torch.zeros_like(fb["pair"]) if fb["pad"] else fb["pair"]
+    draws = torch.rand(fb["global_rows"], generator=gen)
+    if fb["pad"]:
+        return torch.zeros_like(fb["pair"])  # counts nothing (its loss has weight 0 as well)
+    return fb["pair"] & (draws[fb["draw"]] < share)
 
 
 def consistency_pairs(pair: torch.Tensor, share: float, gen: torch.Generator) -> torch.Tensor:
@@ -357,11 +426,16 @@ def _head_loss(fit_model, heads, fb, y, pair, lm_weight, mu, impl):
 
 
 @torch.no_grad()
-def _held_out_metrics(heads, held_feats, labels, lm_weight, ctx) -> dict[str, Any]:
-    """Per head on held-out sequences: BCE of the taken token, accuracy and AUC of the head's
-    estimate at the last continuation token, R(x) ≈ P(satisfies | x), against the label."""
+def _held_out_metrics(heads, held_feats, labels, lm_weight, ctx, split) -> dict[str, Any]:
+    """Per head on the sequences of the held-out prompts (none of their samples was fitted on):
+    BCE of the taken token, accuracy and AUC of the head's estimate at the last continuation
+    token, R(x) ≈ P(satisfies | x), against the label. Without held-out prompts every head's
+    metrics are None (not measured)."""
     out: dict[str, Any] = {"heads": {}}
     if not held_feats:
+        for a in ctx.compiled.attributes:
+            out["heads"][a.name] = {"bce": None, "accuracy": None, "auc": None, "held_out": 0,
+                                    "held_out_prompts": 0, "positive_rate": None}  # fmt: skip
         return out
     for k, (a, head) in enumerate(zip(ctx.compiled.attributes, heads, strict=True)):
         bces, preds, ys = [], [], []
@@ -383,7 +457,8 @@ def _held_out_metrics(heads, held_feats, labels, lm_weight, ctx) -> dict[str, An
             "bce": sum(bces) / max(n_rows, 1),
             "accuracy": float(np.mean((preds_a >= 0.5) == ys_a)) if len(ys_a) else math.nan,
             "auc": auc(preds_a, ys_a),
-            "held_out": len(ys_a),
+            "held_out": len(ys_a),  # sequences, all the samples of the held-out prompts
+            "held_out_prompts": split["prompts"],
             "positive_rate": float(np.mean(ys_a)) if len(ys_a) else math.nan,
         }
     return out
