@@ -34,7 +34,9 @@ def test_cuda_generators_are_saved_and_restored(two_gpus, tmp_path, monkeypatch)
     expected = torch.rand(4)
     set_rng_state(load_file(str(tmp_path / "rng.safetensors")))
     assert torch.equal(torch.rand(4), expected)  # the CPU stream continues where it was saved
-    assert len(restored) == 2 and all(torch.equal(a, b) for a, b in zip(restored, states, strict=True))
+    assert len(restored) == 2 and all(
+        torch.equal(a, b) for a, b in zip(restored, states, strict=True)
+    )
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     with pytest.raises(ValueError, match="2 CUDA generator"):
         set_rng_state(saved)  # a checkpoint of two GPUs on a machine with one

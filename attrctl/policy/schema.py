@@ -513,8 +513,10 @@ class Policy(StrictModel):
             )
         sched = self.schedule
         # parallel: fit R_i on S_{i−2}, fine-tune θ_i with R_{i−1}
-        if sched.mode == "parallel" and self.finetune.objective == "regularized" and (
-            sched.iterations < 3
+        if (
+            sched.mode == "parallel"
+            and self.finetune.objective == "regularized"
+            and (sched.iterations < 3)
         ):
             raise ValueError(
                 f"schedule: parallel mode with {sched.iterations} iteration(s) would train "
