@@ -148,8 +148,10 @@ def test_sft_trains_without_ever_fitting_heads(tmp_path):
     proc = attrctl("train", "-p", policy, "--out", tmp_path / "run", "-q", cwd=tmp_path)
     run = tmp_path / "run"
     jobs = _jobs(run)
-    # S_0, θ_1, θ_2, S_2: no fit jobs, no intermediate samples, parallel mode does not apply
-    assert sorted(jobs) == ["finetune/1", "finetune/2", "sample/0", "sample/2"]
+    # S_0, θ_1, θ_2, S_2: no fit jobs, no intermediate samples, parallel mode does not apply;
+    # `final` records which θ model/final holds
+    assert sorted(jobs) == ["final", "finetune/1", "finetune/2", "sample/0", "sample/2"]
+    assert jobs["final"] == {"iteration": 2}
     assert not (run / "heads").exists()
     assert all(jobs[f"finetune/{i}"]["heads"] == 0 for i in (1, 2))
     assert jobs["finetune/1"]["objective"] == "sft" and jobs["finetune/1"]["wall_s"] > 0
@@ -208,7 +210,7 @@ def test_rl_runs_trl_and_exports_a_loadable_model(tmp_path):
     proc = attrctl("train", "-p", policy, "--out", tmp_path / "run", "-q", cwd=tmp_path)
     run = tmp_path / "run"
     jobs = _jobs(run)
-    assert sorted(jobs) == ["finetune/1", "sample/0", "sample/1"]
+    assert sorted(jobs) == ["final", "finetune/1", "sample/0", "sample/1"]
     rec = jobs["finetune/1"]
     assert rec["objective"] == "rl" and rec["trainer"] == "trl.GRPOTrainer"
     assert rec["completions_per_step"] == 4 and rec["wall_s"] > 0

@@ -152,7 +152,8 @@ def train(
 
 def _check_iterations(run: RunDir, iterations: int) -> int:
     """How many iterations the run has trained; it may be extended, never cut below that."""
-    done = [int(j.split("/")[1]) for j in run.state()["jobs"] if j.startswith("finetune/")]
+    jobs = run.state()["jobs"]
+    done = [int(j[9:]) for j in jobs if j.startswith("finetune/") and j[9:].isdigit()]
     trained = max(done, default=0)
     if trained > iterations:
         raise AttrctlError(
@@ -166,8 +167,8 @@ def _final_iteration(run: RunDir, trained_at_start: int) -> int | None:
     """Which θ_i ``model/final`` holds: the manifest's ``final`` record, or — in a run made
     before that record existed — the last θ trained when this start began; None: not saved."""
     rec = run.done("final")
-    if rec is not None:
-        return rec["iteration"]
+    if rec is not None:  # a damaged record: save model/final again
+        return rec.get("iteration") if isinstance(rec, dict) else None
     return trained_at_start if (run.root / "model" / "final").exists() else None
 
 
