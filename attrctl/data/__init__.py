@@ -5,6 +5,7 @@
 - :mod:`attrctl.data.shakespeare` — the bundled general-domain corpus with its fixed by-play split;
 - :mod:`attrctl.data.prompt_sets` — the shipped ``toxic`` / ``neutral`` prompt sets;
 - :mod:`attrctl.data.synth` — ``attrctl data synth``: sample continuations, label with oracles;
+- :mod:`attrctl.data.synth_file` — the synth file's row format, settings fingerprint and reader;
 - :mod:`attrctl.data.mixture` — draw sources by weight; pack tokens with per-token domain ids.
 
 Importing this package does not import torch; the heavy parts load when used.
@@ -12,8 +13,9 @@ Importing this package does not import torch; the heavy parts load when used.
 
 from attrctl.data.mixture import Mixture, PackingCollator, build_mixture
 from attrctl.data.prompt_sets import PromptSet, load_prompt_set
-from attrctl.data.sources import Example, load_source, synth_path
-from attrctl.data.synth import SynthReport, read_rows, synthesize
+from attrctl.data.sources import Example, load_source
+from attrctl.data.synth import SynthReport, synthesize
+from attrctl.data.synth_file import read_rows, synth_path
 
 __all__ = [
     "Example",

@@ -23,6 +23,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from attrctl.data.synth_file import read_rows, synth_path
 from attrctl.errors import AttrctlError
 from attrctl.policy.schema import BundledSource, FileSource, HubSource, Policy, SynthSource
 
@@ -42,13 +43,6 @@ class Example:
 
     text: str
     domain: str
-
-
-def synth_path(source: SynthSource, policy: Policy) -> Path:
-    """Where a synth source's labelled jsonl lives: ``source.path``, else
-    ``<run_dir>/data/synth.jsonl`` (relative paths resolve against the working directory, like
-    ``output_dir``)."""
-    return Path(source.path or Path(policy.run_dir) / "data" / "synth.jsonl").expanduser()
 
 
 def describe_source(source) -> str:
@@ -251,8 +245,6 @@ def _read_hub(source: HubSource) -> tuple[list[str], str]:
 
 def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str, int]:
     """Texts of a synth file, its label, and how many flagged rows the filter objective dropped."""
-    from attrctl.data.synth import read_rows
-
     if not path.is_file():
         name = policy.source_path or policy.name
         raise AttrctlError(

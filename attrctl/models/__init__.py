@@ -13,7 +13,8 @@ Importing this package is cheap: torch and transformers are imported when a mode
 
 from __future__ import annotations
 
-from attrctl.models.load import BUNDLED, TINY_RANDOM, load_model
+from attrctl.models.load import load_model
 from attrctl.models.loaded import LoadedModel, greedy_generate
+from attrctl.models.registry import BUNDLED, TINY_RANDOM
 
 __all__ = ["BUNDLED", "TINY_RANDOM", "LoadedModel", "greedy_generate", "load_model"]

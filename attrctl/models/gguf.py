@@ -34,7 +34,7 @@ from attrctl.paths import atomic_dir, atomic_write, cache_dir
 if TYPE_CHECKING:
     import torch
 
-    from attrctl.models.load import BundledModel
+    from attrctl.models.registry import BundledModel
 
 log = logging.getLogger("attrctl.models")
 

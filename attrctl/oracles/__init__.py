@@ -10,6 +10,11 @@ entry-point group ``attrctl.oracles``; each entry point names an :class:`Oracle`
 
 A policy only *names* a kind; it never imports code. Implementations are imported when an oracle
 is built, so importing this package stays cheap.
+
+:data:`OracleSpec` is what an ``oracle:`` entry may say: a built-in kind's spec
+(:mod:`attrctl.oracles.specs`) or a :class:`PluginOracleSpec`, whose parameters the plugin's own
+``Spec`` validates. The policy schema (:mod:`attrctl.policy.schema`) uses these; nothing here
+imports the policy.
 """
 
 from __future__ import annotations
@@ -18,13 +23,21 @@ import importlib
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, Discriminator, Tag, ValidationInfo, model_validator
 
 from attrctl.errors import AttrctlError
 from attrctl.oracles.base import Oracle
-from attrctl.oracles.specs import BUILTIN_SPECS
+from attrctl.oracles.specs import (
+    BUILTIN_SPECS,
+    JigsawBiLSTMSpec,
+    LexiconSpec,
+    ProfanityCheckSpec,
+    RegexSpec,
+    VaderSpec,
+)
+from attrctl.strict import StrictModel
 
 ENTRY_POINT_GROUP = "attrctl.oracles"
 
@@ -39,10 +52,13 @@ _BUILTIN_IMPLS = {
 __all__ = [
     "ENTRY_POINT_GROUP",
     "Oracle",
+    "OracleSpec",
+    "PluginOracleSpec",
     "build_oracle",
     "oracle_class",
     "oracle_fingerprint",
     "oracle_kinds",
+    "validate_oracle_spec",
 ]
 
 
@@ -81,8 +97,6 @@ def oracle_class(kind: str) -> type[Oracle]:
 def build_oracle(spec: BaseModel | dict[str, Any], base_dir: Path | None = None) -> Oracle:
     """Build an oracle from a validated spec (or a plain dict such as ``{"kind": "vader"}``)."""
     if isinstance(spec, dict):
-        from attrctl.policy.schema import validate_oracle_spec
-
         spec = validate_oracle_spec(spec, base_dir=base_dir)
     kind = spec.kind  # type: ignore[attr-defined]
     cls = oracle_class(kind)
@@ -103,3 +117,56 @@ def oracle_fingerprint(spec: BaseModel) -> dict[str, Any]:
     if ep is not None and ep.dist is not None:
         fingerprint["packages"].setdefault(ep.dist.name, ep.dist.version)
     return fingerprint
+
+
+# ------------------------------------------------------------------------------------ the specs
+class PluginOracleSpec(StrictModel):
+    """An oracle kind registered by an installed package (entry-point group ``attrctl.oracles``)."""
+
+    model_config = ConfigDict(extra="allow", frozen=True)
+    kind: str
+
+    @property
+    def plugin_spec(self) -> StrictModel | None:
+        return self.__pydantic_private__.get("_plugin_spec") if self.__pydantic_private__ else None
+
+    @model_validator(mode="after")
+    def _validate_with_plugin(self, info: ValidationInfo):
+        from difflib import get_close_matches
+
+        if self.kind not in plugin_entry_points():
+            kinds = oracle_kinds()
+            close = get_close_matches(self.kind, kinds, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(
+                f"unknown oracle kind {self.kind!r}{hint}; allowed: {', '.join(kinds)}"
+            )
+        cls = oracle_class(self.kind)
+        params = {"kind": self.kind, **(self.model_extra or {})}
+        spec = cls.Spec.model_validate(params, context=info.context)
+        object.__setattr__(self, "__pydantic_private__", {"_plugin_spec": spec})
+        return self
+
+
+def _oracle_tag(value: Any) -> str:
+    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
+    return kind if isinstance(kind, str) and kind in BUILTIN_SPECS else "plugin"  # kind: []
+
+
+OracleSpec = Annotated[
+    Annotated[LexiconSpec, Tag("lexicon")]
+    | Annotated[RegexSpec, Tag("regex")]
+    | Annotated[ProfanityCheckSpec, Tag("profanity_check")]
+    | Annotated[JigsawBiLSTMSpec, Tag("jigsaw_bilstm")]
+    | Annotated[VaderSpec, Tag("vader")]
+    | Annotated[PluginOracleSpec, Tag("plugin")],
+    Discriminator(_oracle_tag),
+]
+
+
+def validate_oracle_spec(data: dict[str, Any], base_dir=None) -> StrictModel:
+    """Validate one oracle spec on its own (used by ``attrctl oracle score``)."""
+    from pydantic import TypeAdapter
+
+    context = {"base_dir": base_dir} if base_dir else None
+    return TypeAdapter(OracleSpec).validate_python(data, context=context)

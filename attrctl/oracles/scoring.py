@@ -20,7 +20,7 @@ import numpy as np
 from pydantic import BaseModel, ValidationError
 
 from attrctl.errors import AttrctlError
-from attrctl.oracles import build_oracle, oracle_kinds
+from attrctl.oracles import build_oracle, oracle_kinds, validate_oracle_spec
 from attrctl.oracles.base import Oracle
 from attrctl.strict_yaml import YAMLProblem, load_yaml
 
@@ -103,8 +103,6 @@ def oracle_spec(
     params = dict(params or {})
     if "kind" in params:
         raise AttrctlError("give the kind with --oracle, not as a parameter")
-    from attrctl.policy.schema import validate_oracle_spec
-
     try:
         return validate_oracle_spec({"kind": kind, **params}, base_dir=base_dir)
     except ValidationError as err:

@@ -10,27 +10,21 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 from pydantic import (
-    ConfigDict,
-    Discriminator,
     Field,
     PrivateAttr,
-    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
 )
 
-from attrctl.oracles.specs import (
-    BUILTIN_SPECS,
-    JigsawBiLSTMSpec,
-    LexiconSpec,
-    ProfanityCheckSpec,
-    RegexSpec,
-    VaderSpec,
-)
+# The oracle specs and their validation belong to the oracles (attrctl.oracles); the policy
+# only uses them. The names stay importable from here.
+from attrctl.oracles import OracleSpec as OracleSpec
+from attrctl.oracles import PluginOracleSpec as PluginOracleSpec
+from attrctl.oracles import validate_oracle_spec as validate_oracle_spec
 from attrctl.strict import InputPath, StrictModel, path_test, resolved, user_path
 
 BUNDLED_MODELS = ("smollm2-135m-instruct",)
@@ -46,61 +40,6 @@ def _check_name(value: str) -> str:
             f"{value!r} is not a valid name: start with a letter; use letters, digits, '_', '-', '.'"
         )
     return value
-
-
-# --------------------------------------------------------------------------------------- oracles
-class PluginOracleSpec(StrictModel):
-    """An oracle kind registered by an installed package (entry-point group ``attrctl.oracles``)."""
-
-    model_config = ConfigDict(extra="allow", frozen=True)
-    kind: str
-
-    @property
-    def plugin_spec(self) -> StrictModel | None:
-        return self.__pydantic_private__.get("_plugin_spec") if self.__pydantic_private__ else None
-
-    @model_validator(mode="after")
-    def _validate_with_plugin(self, info: ValidationInfo):
-        from difflib import get_close_matches
-
-        from attrctl.oracles import oracle_class, oracle_kinds, plugin_entry_points
-
-        if self.kind not in plugin_entry_points():
-            kinds = oracle_kinds()
-            close = get_close_matches(self.kind, kinds, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(
-                f"unknown oracle kind {self.kind!r}{hint}; allowed: {', '.join(kinds)}"
-            )
-        cls = oracle_class(self.kind)
-        params = {"kind": self.kind, **(self.model_extra or {})}
-        spec = cls.Spec.model_validate(params, context=info.context)
-        object.__setattr__(self, "__pydantic_private__", {"_plugin_spec": spec})
-        return self
-
-
-def _oracle_tag(value: Any) -> str:
-    kind = value.get("kind") if isinstance(value, dict) else getattr(value, "kind", None)
-    return kind if isinstance(kind, str) and kind in BUILTIN_SPECS else "plugin"  # kind: []
-
-
-OracleSpec = Annotated[
-    Annotated[LexiconSpec, Tag("lexicon")]
-    | Annotated[RegexSpec, Tag("regex")]
-    | Annotated[ProfanityCheckSpec, Tag("profanity_check")]
-    | Annotated[JigsawBiLSTMSpec, Tag("jigsaw_bilstm")]
-    | Annotated[VaderSpec, Tag("vader")]
-    | Annotated[PluginOracleSpec, Tag("plugin")],
-    Discriminator(_oracle_tag),
-]
-
-
-def validate_oracle_spec(data: dict[str, Any], base_dir=None) -> StrictModel:
-    """Validate one oracle spec on its own (used by ``attrctl oracle score``)."""
-    from pydantic import TypeAdapter
-
-    context = {"base_dir": base_dir} if base_dir else None
-    return TypeAdapter(OracleSpec).validate_python(data, context=context)
 
 
 # ---------------------------------------------------------------------------------- data sources
