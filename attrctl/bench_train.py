@@ -215,7 +215,7 @@ def _batch(st: _Setup, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
 def _seeded_heads(st: _Setup, seed: int) -> torch.nn.ModuleList:
     """The policy's heads (``load_heads`` with no folder: R_0) given small random weights, so
     that q ≠ p and the regularizer does real work."""
-    from attrctl.train.weights import load_heads
+    from attrctl.heads_io import load_heads
 
     heads = load_heads(st.compiled, st.model, None)
     g = torch.Generator().manual_seed(seed + 1)
@@ -231,8 +231,7 @@ def _seeded_heads(st: _Setup, seed: int) -> torch.nn.ModuleList:
 
 def _step_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.Tensor], str]:
     """A function running one full optimizer step of ``spec.row``; and the check it passed."""
-    from attrctl.heads import forward_with_tap
-    from attrctl.train.weights import head_taps
+    from attrctl.heads import forward_with_tap, head_taps
 
     ft = st.compiled.policy.finetune
     loss_cfg = st.compiled.policy.loss
@@ -344,9 +343,8 @@ def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.T
     """One head-fitting step as the fit job takes it: cached frozen features of ``regularizer.
     batch_size`` sequences (a prompt, then ``max_new_tokens`` continuation tokens; random ids),
     the heads' bodies on the taps, ``head_fit_loss`` on the continuation rows, backward, AdamW."""
-    from attrctl.heads import forward_with_tap
+    from attrctl.heads import forward_with_tap, head_taps
     from attrctl.losses import head_fit_loss
-    from attrctl.train.weights import head_taps
 
     reg = st.compiled.policy.regularizer
     model = st.model.eval()
@@ -493,6 +491,7 @@ _WARM_IMPORTS = (
     "transformers",
     "transformers.models.llama.modeling_llama",
     "attrctl.heads",
+    "attrctl.heads_io",
     "attrctl.losses.chunked",
     "attrctl.losses.eager",
     "attrctl.models",

@@ -226,7 +226,7 @@ def _policy_data(path: Path) -> dict[str, Any]:
 
 
 def _training_lines(run: FinishedRun, policy: dict[str, Any]) -> list[str]:
-    from attrctl.train.report import summary
+    from attrctl.train.summary import summary
 
     ft = policy.get("finetune") or {}
     sched = policy.get("schedule") or {}

@@ -53,7 +53,7 @@ class NadoLogitsProcessor(LogitsProcessor):
 
     Args:
         model: the causal LM being decoded (its forward is hooked; peft-wrapped works too).
-        heads: the regularizer heads (e.g. from :func:`attrctl.train.weights.load_heads`).
+        heads: the regularizer heads (e.g. from :func:`attrctl.heads_io.load_heads`).
         weights: ``w_k`` per head (the policy's attribute weights); default 1 each.
         strength: ``α``; 0 turns guidance off, larger values steer harder.
 
@@ -240,8 +240,8 @@ def load_guidance(
     Raises:
         AttrctlError: no finished run there, no fitted heads, or heads that do not fit the model.
     """
+    from attrctl.heads_io import load_heads
     from attrctl.policy import compile_policy, load_policy
-    from attrctl.train.weights import load_heads
 
     src = guidance_source(source)
     compiled = compile_policy(load_policy(src.policy_path))

@@ -215,3 +215,8 @@ def build_heads(specs: Sequence[HeadSpec], model: Any, finetune: FineTune) -> nn
 def head_cost(heads: nn.ModuleList) -> dict[str, int]:
     """Trainable parameters of the heads, for logs."""
     return {"parameters": sum(p.numel() for p in heads.parameters())}
+
+
+def head_taps(heads: torch.nn.ModuleList) -> list[int]:
+    """The taps the heads read, each once: layer indices in order, the final state last."""
+    return sorted({h.tap for h in heads}, key=lambda t: (t == FINAL, t))

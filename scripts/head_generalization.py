@@ -19,11 +19,11 @@ from attrctl.data.prompt_sets import load_prompt_set
 from attrctl.eval.control import heldout_prompt_sets
 from attrctl.guided import guidance_source
 from attrctl.heads import forward_with_tap
+from attrctl.heads_io import load_heads
 from attrctl.models import load_model
 from attrctl.policy import compile_policy, load_policy
 from attrctl.sampling import prompt_token_ids, sample_continuations
 from attrctl.train.jobs import auc
-from attrctl.train.weights import load_heads
 
 
 def last_token_r(model, head, prompt_ids: list[int], tokens: list[int]) -> float:

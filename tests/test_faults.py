@@ -155,7 +155,7 @@ def test_full_disk_during_training_checkpointing_and_export_keeps_the_run(tmp_pa
            "-q"]  # fmt: skip
     assert subprocess.run(cmd, cwd=tmp_path, env=e, timeout=600).returncode == -signal.SIGKILL
     written = max(p.stat().st_size for p in scratch.rglob("*") if p.is_file())
-    from attrctl.train.report import plot_run
+    from attrctl.train.plots import plot_run
     from attrctl.train.rundir import RunDir
 
     plot_run(RunDir(scratch))

@@ -29,13 +29,13 @@ from pydantic import ValidationError
 
 from attrctl.errors import AttrctlError
 from attrctl.heads import FINAL, RegularizerHead, build_heads, default_tap, forward_with_tap
+from attrctl.heads_io import load_heads, save_heads
 from attrctl.losses import regularized_lm_loss
 from attrctl.policy import compile_policy, load_policy
 from attrctl.policy.schema import FineTune, HeadSpec
 from attrctl.train.context import TrainContext
 from attrctl.train.jobs import auc, fit_job, sample_stats
 from attrctl.train.rundir import RunDir
-from attrctl.train.weights import load_heads, save_heads
 
 N_LAYERS = 2  # tiny-random: a 2-layer Llama, hidden 64
 HIDDEN = 64

@@ -6,7 +6,10 @@
 - :mod:`attrctl.train.schedules` — sequential and parallel arrangements, and :func:`train`;
 - :mod:`attrctl.train.rundir` — atomic state, manifest, metrics, ownership of a run directory;
 - :mod:`attrctl.train.distributed` — torchrun / DDP;
-- :mod:`attrctl.train.report` — plots and the closing summary.
+- :mod:`attrctl.train.weights` — θ_i's trainable weights and the optimizer state on disk;
+- :mod:`attrctl.train.final_model` — the run's final model as a transformers folder;
+- :mod:`attrctl.train.plots` — the training curves (``plots/training.png``);
+- :mod:`attrctl.train.summary` — the closing summary of ``attrctl train``.
 """
 
 from __future__ import annotations
@@ -47,71 +50,7 @@ def RichProgress(*args: Any, **kwargs: Any):
 
 
 def summary_lines(result: Any) -> list[str]:
-    """The one-screen summary printed at the end of ``attrctl train``."""
-    from attrctl.train.report import summary
-    from attrctl.train.rundir import RunDir
+    """See :func:`attrctl.train.summary.summary_lines`."""
+    from attrctl.train.summary import summary_lines as _summary_lines
 
-    s = summary(RunDir(result.run_dir))
-    lines = [f"run directory   {s['run_dir']}  ({result.seconds / 60:.1f} min)"]
-    lines.append(f"model           {s['model']}  (transformers folder)")
-    if s["heads"]:
-        lines.append(f"heads           {s['heads']}")
-    if s["lambdas"]:
-        lams = ", ".join(f"{d} {v:.3g}" for d, v in s["lambdas"]["lam_by_domain"].items())
-        lines.append(f"λ (auto)        {lams}")
-    before, after = s["before"], s["after"]
-    if before and after:
-        for name, b in before["violation_rate"].items():
-            a = after["violation_rate"][name]
-            lines.append(
-                f"violation rate  {name}: {b:.3f} → {a:.3f} (oracle, samples S_0 → S_final)"
-            )
-        if "judge_violation_rate" in before and "judge_violation_rate" in after:
-            lines.append(
-                f"                judge (jigsaw_bilstm): {before['judge_violation_rate']:.3f} → "
-                f"{after['judge_violation_rate']:.3f}"
-            )
-    for f in s["fits"]:
-        for name, m in f.get("heads", {}).items():
-            head = f"head R_{f['iteration']} {name:<8}"
-            if m["held_out"] == 0:  # too few prompts to hold any out
-                split = f.get("held_out") or {}
-                lines.append(f"{head} AUC not measured ({split.get('note', 'none held out')})")
-                continue
-            auc = "n/a (one class)" if m["auc"] != m["auc"] else f"{m['auc']:.3f}"  # NaN
-            on = (
-                f"on {m['held_out_prompts']} held-out prompts ({m['held_out']} sequences)"
-                if "held_out_prompts" in m
-                else f"on {m['held_out']} held-out sequences"  # a run of an earlier version
-            )
-            lines.append(f"{head} AUC {auc}, accuracy {m['accuracy']:.3f}, BCE {m['bce']:.3f} {on}")
-    objective = s["finetunes"][0].get("objective", "regularized") if s["finetunes"] else None
-    if objective not in (None, "regularized"):
-        lines.append(f"objective       {objective} (a baseline: no heads fitted, λ not used)")
-    if s["filter"]:
-        lines.append(
-            f"filter          dropped {s['filter']['dropped']} flagged synth rows, kept "
-            f"{s['filter']['kept']} examples"
-        )
-    for t in s["finetunes"]:
-        if t.get("objective") == "rl":
-            first, last = t.get("reward_first"), t.get("reward_last")
-            reward = (
-                f"{first:.3f} → {last:.3f}" if first is not None and last is not None else "n/a"
-            )
-            kl = f", KL {t['kl_last']:.4f}" if t.get("kl_last") is not None else ""
-            lines.append(f"θ_{t['iteration']}             reward {reward}{kl} (TRL GRPO)")
-            continue
-        lines.append(
-            f"θ_{t['iteration']}             CE {t['ce_first']:.3f} → {t['ce_last']:.3f}, "
-            f"KL {t['kl_last']:.4f} (heads R_{t['heads']})"
-        )
-    times = ", ".join(f"{r} {v:.0f} s" for r, v in s["role_seconds"].items())
-    lines.append(f"time per role   {times}")
-    if s["parallel"]:
-        lines.append(
-            f"parallel        critical path {s['parallel']['critical_path_s']:.0f} s (max of the "
-            f"roles per iteration) vs {s['parallel']['sequential_sum_s']:.0f} s run one by one"
-        )
-    lines.append(f"plots           {s['plot']}")
-    return lines
+    return _summary_lines(result)

@@ -21,19 +21,14 @@ import torch
 from attrctl.data.synth import ROW_FIELDS, read_rows, synth_source_of, work_items
 from attrctl.errors import AttrctlError
 from attrctl.faults import fault
-from attrctl.heads import forward_with_tap
+from attrctl.heads import forward_with_tap, head_taps
+from attrctl.heads_io import load_heads, save_heads
 from attrctl.losses import head_fit_loss
 from attrctl.paths import atomic_write
 from attrctl.sampling import row_seed, sample_continuations
 from attrctl.train import distributed as dist
 from attrctl.train.context import TrainContext
-from attrctl.train.weights import (
-    head_taps,
-    load_heads,
-    load_trainable,
-    save_heads,
-    select_trainable,
-)
+from attrctl.train.weights import load_trainable, select_trainable
 
 SAMPLE_BATCH = 64  # continuations sampled together (rows are seeded one by one: any batch works)
 TEMPERATURE, TOP_P = 1.0, 1.0  # regularizer samples come from the model's own distribution

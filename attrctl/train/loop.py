@@ -30,15 +30,14 @@ import torch
 
 from attrctl.errors import AttrctlError, Interrupted
 from attrctl.faults import fault
-from attrctl.heads import forward_with_tap
+from attrctl.heads import forward_with_tap, head_taps
+from attrctl.heads_io import load_heads
 from attrctl.losses import RegHead, regularized_lm_loss
 from attrctl.paths import atomic_dir
 from attrctl.train import distributed as dist
 from attrctl.train.context import StopRequest, TrainContext
 from attrctl.train.weights import (
     TRAINABLE,
-    head_taps,
-    load_heads,
     load_optimizer,
     load_trainable,
     optimizer_tensors,

@@ -129,12 +129,12 @@ def train(
             _sequential(ctx)
         _run(ctx, "sample", policy.schedule.iterations)  # S_I from the final model
         if ctx.writer and _final_iteration(run, trained) != policy.schedule.iterations:
-            from attrctl.train.export import save_final
+            from attrctl.train.final_model import save_final
 
             save_final(ctx)  # fresh, or a run extended with more iterations
             run.publish("final", {"iteration": policy.schedule.iterations})
         if ctx.writer:
-            from attrctl.train.report import plot_run
+            from attrctl.train.plots import plot_run
 
             plot_run(run)
     except KeyboardInterrupt as err:  # SIGINT/SIGTERM outside the fine-tune loop
@@ -311,7 +311,7 @@ def _publish(ctx: TrainContext, role: str, idx: int, res: dict[str, Any]) -> Non
 
         shutil.rmtree(ctx.run.checkpoint(idx), ignore_errors=True)  # θ_i is published
     if role in ("finetune", "sample"):
-        from attrctl.train.report import plot_run
+        from attrctl.train.plots import plot_run
 
         plot_run(ctx.run)
 

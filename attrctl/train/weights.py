@@ -1,4 +1,4 @@
-"""Model, head and optimizer state on disk: safetensors plus small JSON, written atomically.
+"""Model and optimizer state on disk: safetensors plus small JSON, written atomically.
 
 θ_i is stored as the weights that train (``trainable.safetensors``): the top layers and norm
 under ``top_layers``, the adapters under ``lora``, everything under ``full``. Loading θ_i is the
@@ -17,7 +17,6 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attrctl.errors import AttrctlError
-from attrctl.heads import FINAL
 from attrctl.paths import atomic_dir
 from attrctl.policy.compile import CompiledPolicy
 
@@ -111,79 +110,6 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage; clone() above gives each tensor its own
     return {k: v.contiguous() for k, v in tensors.items()}
-
-
-# ------------------------------------------------------------------------------ heads
-def save_heads(heads: torch.nn.ModuleList, folder: Path, meta: dict[str, Any]) -> None:
-    """Publish heads (one safetensors, keys ``<k>.<param>``) and their meta JSON, which should
-    name the attributes in order (``attributes``) so a reordered policy cannot load them swapped."""
-    state = {f"{i}.{k}": v.detach().clone().contiguous() for i, h in enumerate(heads)
-             for k, v in h.state_dict().items()}  # fmt: skip
-    with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / "heads.safetensors"))
-        (tmp / "heads.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-
-
-def _state_mismatch(want: dict, got: dict, err: Exception) -> str:
-    """The first difference between a module's state dict and the tensors read for it."""
-    for key, tensor in want.items():
-        if key not in got:
-            return f"tensor {key!r} is missing"
-        if tuple(got[key].shape) != tuple(tensor.shape):
-            return (
-                f"tensor {key!r} has shape {list(got[key].shape)}, this model needs "
-                f"{list(tensor.shape)}"
-            )
-    extra = sorted(set(got) - set(want))
-    if extra:
-        return f"unexpected tensor {extra[0]!r}"
-    return str(err).splitlines()[0]
-
-
-def load_heads(compiled: CompiledPolicy, model: Any, folder: Path | None) -> torch.nn.ModuleList:
-    """The policy's heads: zero-initialised when ``folder`` is None (R_0), else read from it."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(compiled.policy.seed + 7919)  # head init does not disturb other RNG
-        heads = compiled.build_heads(model)
-    if folder is not None:
-        tensors = read_safetensors(folder / "heads.safetensors", "head weights")
-        held = {k.split(".", 1)[0] for k in tensors}
-        if held != {str(i) for i in range(len(heads))}:
-            raise AttrctlError(
-                f"{folder / 'heads.safetensors'}: holds {len(held)} heads but the policy has "
-                f"{len(heads)} attributes"
-            )
-        meta_path = folder / "heads.json"
-        names = [a.name for a in compiled.attributes]
-        saved = None
-        if meta_path.exists():
-            from attrctl.train.rundir import read_json
-
-            meta = read_json(meta_path, "the heads' metadata")
-            saved = meta.get("attributes") if isinstance(meta, dict) else None
-        if saved is not None and saved != names:
-            raise AttrctlError(
-                f"{meta_path}: heads of attributes {saved}, but the policy's are {names}"
-            )
-        for i, head in enumerate(heads):
-            sub = {k.split(".", 1)[1]: v for k, v in tensors.items() if k.split(".")[0] == str(i)}
-            try:
-                head.load_state_dict(sub, strict=True)
-            except RuntimeError as err:
-                raise AttrctlError(
-                    f"{folder / 'heads.safetensors'}: head {i} ({names[i]}) does not fit this "
-                    f"model and policy: {_state_mismatch(head.state_dict(), sub, err)}. Heads "
-                    "are fitted on one model's hidden states and vocabulary: use them with that "
-                    "model or one of the same architecture"
-                ) from None
-    heads.eval()
-    for p in heads.parameters():
-        p.requires_grad_(False)
-    return heads
-
-
-def head_taps(heads: torch.nn.ModuleList) -> list[int]:
-    return sorted({h.tap for h in heads}, key=lambda t: (t == FINAL, t))
 
 
 # ------------------------------------------------------------------------------ optimizer

@@ -1,8 +1,6 @@
-"""What a run shows a person: PNG curves (redrawn after every job) and the closing summary."""
+"""The training curves of a run: ``plots/training.png``, redrawn after every job."""
 
 from __future__ import annotations
-
-from typing import Any
 
 from attrctl.paths import atomic_write
 from attrctl.train.rundir import RunDir
@@ -87,37 +85,3 @@ def plot_run(run: RunDir) -> None:
     with atomic_write(path, "wb", encoding=None) as fh:
         fig.savefig(fh, format="png", dpi=90)
     plt.close(fig)
-
-
-def summary(run: RunDir) -> dict[str, Any]:
-    """The facts of the closing summary, from the manifest."""
-    jobs = run.state()["jobs"]
-    samples = sorted((int(k.split("/")[1]), v) for k, v in jobs.items() if k.startswith("sample/"))
-    fits = sorted((int(k.split("/")[1]), v) for k, v in jobs.items() if k.startswith("fit/"))
-    tunes = sorted((int(k.split("/")[1]), v) for k, v in jobs.items() if k.startswith("finetune/"))
-    role_time: dict[str, float] = {}
-    for k, v in jobs.items():
-        role = k.split("/")[0]
-        if "wall_s" in v:
-            role_time[role] = role_time.get(role, 0.0) + v["wall_s"]
-    last_heads = fits[-1][0] if fits else None
-    par = [r for r in run.read_metrics() if r.get("kind") == "parallel_iteration"]
-    return {
-        "run_dir": str(run.root),
-        "model": str(run.model("final")),
-        "heads": str(run.heads(last_heads)) if last_heads is not None else None,
-        "before": samples[0][1] if samples else None,
-        "after": samples[-1][1] if len(samples) > 1 else None,
-        "fits": [v for _, v in fits],
-        "finetunes": [v for _, v in tunes],
-        "role_seconds": role_time,
-        "lambdas": jobs.get("lambdas"),
-        "filter": jobs.get("filter"),
-        "parallel": {
-            "critical_path_s": sum(r["critical_path_s"] for r in par),
-            "sequential_sum_s": sum(r["sequential_sum_s"] for r in par),
-        }
-        if par
-        else None,
-        "plot": str(run.root / "plots" / "training.png"),
-    }
