@@ -103,9 +103,10 @@ def _fire(spec: FaultSpec, point: str, where: dict[str, object]) -> None:
         raise AttrctlError(f"{ENV}: action {spec.action} at {point} needs {DIR_ENV} (a folder)")
     label = point.replace("/", "_")
     deadline = time.monotonic() + float(os.environ.get(TIMEOUT_ENV, "600"))
-    if spec.action == "pause":
-        me = Path(folder) / f"{label}.paused"
-        me.write_text(f"{os.getpid()}\n")
+    if spec.action == "pause":  # the marker appears whole (renamed into place): a test that
+        tmp = Path(folder) / f".{label}.paused.{os.getpid()}"  # sees it can read the pid at once
+        tmp.write_text(f"{os.getpid()}\n")
+        os.replace(tmp, Path(folder) / f"{label}.paused")
         _wait(lambda: (Path(folder) / f"{label}.go").exists(), deadline, f"{label}.go")
         return
     # barrier: every process that reaches this point announces itself, then waits for the others
