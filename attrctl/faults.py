@@ -30,6 +30,7 @@ Unset, :func:`fault` is one environment lookup: nothing else happens.
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import time
@@ -53,7 +54,8 @@ class FaultSpec:
         return point == self.point and all(str(where.get(k)) == v for k, v in self.where)
 
 
-def parse(text: str) -> list[FaultSpec]:
+@functools.lru_cache(maxsize=8)  # called at every step while a test sets ATTRCTL_FAULT
+def parse(text: str) -> tuple[FaultSpec, ...]:
     """``ATTRCTL_FAULT``'s value as specs; a malformed one is an error naming it."""
     specs = []
     for part in filter(None, (p.strip() for p in text.split(","))):
@@ -79,7 +81,7 @@ def parse(text: str) -> list[FaultSpec]:
                 f"{ENV}={text!r}: unknown action {action!r} (SIGKILL, SIGTERM, SIGINT, exit=N, "
                 "pause, barrier=N)"
             )
-    return specs
+    return tuple(specs)
 
 
 def fault(point: str, **where: object) -> None:

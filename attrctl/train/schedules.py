@@ -153,7 +153,8 @@ def train(
 def _check_iterations(run: RunDir, iterations: int) -> int:
     """How many iterations the run has trained; it may be extended, never cut below that."""
     jobs = run.state()["jobs"]
-    done = [int(j[9:]) for j in jobs if j.startswith("finetune/") and j[9:].isdigit()]
+    indices = (j.removeprefix("finetune/") for j in jobs if j.startswith("finetune/"))
+    done = [int(i) for i in indices if i.isdigit()]
     trained = max(done, default=0)
     if trained > iterations:
         raise AttrctlError(
