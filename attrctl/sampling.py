@@ -28,18 +28,43 @@ def row_seed(seed: int, prompt_set: str, prompt_index: int, sample: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+# Nucleus candidates: the top-p prefix is looked for among the TOP_P_CANDIDATES most likely tokens
+# first (a partial top-k, ~15 ms at [64, 49k] on 2 cores) and only rows whose nucleus is wider fall
+# back to a full sort (~120 ms at that shape, ~30% of a sampling step when done for every row).
+TOP_P_CANDIDATES = 1024
+
+
 def _next_token_probs(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
-    """Sampling distribution ``[B, V]`` from last-position logits ``[B, V]``."""
+    """Sampling distribution ``[B, V]`` from last-position logits ``[B, V]``.
+
+    With ``top_p < 1`` the smallest prefix of the descending probabilities whose mass reaches
+    ``top_p`` is kept (the first token always stays) and the rest is zeroed; the result is the
+    same as sorting the whole row, because the prefix sums of the top-k values are those of the
+    full sort.
+    """
     import torch
 
     probs = torch.softmax(logits.float() / temperature, dim=-1)  # [B, V]
-    if top_p < 1.0:
-        sorted_p, order = probs.sort(dim=-1, descending=True)  # [B, V]
-        # keep the smallest prefix whose mass reaches top_p (the first token always stays)
-        drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # [B, V]
-        sorted_p = sorted_p.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter_(-1, order, sorted_p)
-    return probs
+    if top_p >= 1.0:
+        return probs
+    vocab = probs.shape[-1]
+    top, order = probs.topk(min(TOP_P_CANDIDATES, vocab), dim=-1)  # [B, k] descending
+    kept, open_ended = _nucleus(top, top_p)  # [B, k], [B]
+    out = torch.zeros_like(probs).scatter_(-1, order, kept)  # [B, V]
+    if top.shape[-1] < vocab and bool(open_ended.any()):
+        # the last candidate is still inside the nucleus, which may go on past it: sort those
+        # rows whole (rare at T = 1 for SmolLM2: a flat distribution, e.g. after a newline)
+        rows = open_ended.nonzero().view(-1)  # [b]
+        full, full_order = probs[rows].sort(dim=-1, descending=True)  # [b, V]
+        out[rows] = torch.zeros_like(full).scatter_(-1, full_order, _nucleus(full, top_p)[0])
+    return out
+
+
+def _nucleus(sorted_p: torch.Tensor, top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``sorted_p`` ``[B, n]`` (descending) with every entry after the top-p prefix zeroed, and
+    ``[B]`` whether the prefix reaches the last entry (the mass before it is under ``top_p``)."""
+    drop = sorted_p.cumsum(-1) - sorted_p >= top_p  # [B, n]: the mass before it reaches top_p
+    return sorted_p.masked_fill(drop, 0.0), ~drop[:, -1]
 
 
 def _inverse_cdf(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
