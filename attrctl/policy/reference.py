@@ -29,6 +29,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("attributes[].head", s.HeadSpec),
     *[(f"attributes[].oracle — kind: {k}", spec) for k, spec in BUILTIN_SPECS.items()],
     ("regularization", s.Regularization),
+    ("regularization.own_samples", s.OwnSamples),
     ("regularizer", s.RegularizerFit),
     ("finetune", s.FineTune),
     ("finetune.lora", s.LoraSpec),

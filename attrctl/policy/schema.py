@@ -216,6 +216,33 @@ class Attribute(StrictModel):
 
 
 # ------------------------------------------------------------------------------------- training
+class OwnSamples(StrictModel):
+    """A KL-only term on the model's own continuations of the regularizer prompts.
+
+    The mixture's KL acts only at the positions of the training text. This term also pulls the
+    model toward the projection q where the model itself goes now: every `refresh_every` steps
+    it samples continuations of the regularizer prompts from the current weights, and each step
+    adds λ · KL(sg[q_t] ‖ p_t) at `rows` of them (at the positions that predict the sampled
+    tokens; no CE is taken on them)."""
+
+    lam: float = Field(
+        0.0,
+        ge=0,
+        description="λ of the KL at the positions of the model's own continuations, per token on "
+        "the scale of `per_domain` (a token here weighs what a token of a domain with that λ "
+        "weighs in the mixture's loss); 0 turns the term off.",
+    )
+    rows: int = Field(4, ge=1, description="Own continuations regularized per fine-tuning step.")
+    refresh_every: int = Field(
+        25,
+        ge=1,
+        description="Steps between samplings: `rows × refresh_every` continuations are drawn "
+        "from the current weights at once (a batch of 64 costs ~3× less per row than 4 at a "
+        "time), so a row is at most `refresh_every` steps older than the weights.",
+    )
+    max_new_tokens: int = Field(20, ge=1, le=1024, description="Tokens per continuation.")
+
+
 class Regularization(StrictModel):
     """Strength of the KL penalty λ, globally or per domain (adaptive regularization)."""
 
@@ -233,6 +260,11 @@ class Regularization(StrictModel):
         10.0,
         ge=0,
         description="With `per_domain: auto`: λ of the domain with the highest violation rate.",
+    )
+    own_samples: OwnSamples = Field(
+        default_factory=OwnSamples,
+        description="KL-only regularization on the model's own continuations of the "
+        "regularizer prompts (off unless its `lam` is above 0).",
     )
 
 

@@ -36,6 +36,7 @@ from attrctl.losses import RegHead, regularized_lm_loss
 from attrctl.paths import atomic_dir
 from attrctl.train import distributed as dist
 from attrctl.train.context import StopRequest, TrainContext
+from attrctl.train.own_samples import OwnBatch, OwnSamples, own_kl_step
 from attrctl.train.weights import (
     TRAINABLE,
     load_optimizer,
@@ -147,8 +148,19 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     )  # [D]
     lm_weight = model.get_output_embeddings().weight  # [V, H]; frozen unless method is full
 
+    # --- the KL-only term on the model's own continuations (regularization.own_samples)
+    own = None
+    if has_heads and policy.regularization.own_samples.lam > 0:
+        own = OwnSamples(ctx, i, loaded.tokenizer)
+    # λ_own per token over the count the mixture's loss is averaged over (one step, this rank)
+    own_scale = policy.regularization.own_samples.lam / (
+        (ft.batch_size // ctx.world) * (ft.seq_len - 1) * ft.grad_accum
+    )
+
     # --- resume from this job's checkpoint, if a killed run left one
     step = _restore(ctx, i, model, opt)
+    if own is not None and step:
+        own.batch = OwnBatch.load(ctx.run.checkpoint(i))
     if ctx.writer:  # steps logged past the checkpoint (or, without one, at all) are redone
         run.drop_metrics_after(job, step)
     first_batch = (i - 1) * ft.steps * ft.grad_accum  # each iteration continues the data stream
@@ -163,13 +175,15 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     StopRequest.begin_job()  # SIGINT/SIGTERM from here: finish the step, checkpoint, stop
     while step < ft.steps:
         if StopRequest.requested:  # asked during the step just done (or before the first)
-            _checkpoint(ctx, i, model, opt, step)
+            _checkpoint(ctx, i, model, opt, step, own)
             bar.close()
             raise Interrupted(
                 f"stopped at step {step}/{ft.steps} of θ_{i}; checkpoint saved in "
                 f"{run.checkpoint(i)}. Continue with: attrctl train --resume {run.root}"
             )
         t0 = time.perf_counter()
+        if own is not None:  # every refresh_every steps: sample from the weights of this moment
+            own.ensure(model, step)
         sums: dict[str, Any] = {"ce": 0.0, "kl": 0.0, "loss": 0.0, "head": [0.0] * len(heads)}
         kl_dom = torch.zeros(len(mixture.domains), dtype=torch.float64)
         tok_dom = torch.zeros(len(mixture.domains), dtype=torch.float64)
@@ -195,6 +209,14 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             for k, rh in enumerate(reg_heads):
                 a = (rh.states[valid] * rh.weight[y]).sum(-1) + rh.bias[y]  # r_t[y_t] [n]
                 sums["head"][k] += float(torch.sigmoid(a).mean()) / ft.grad_accum
+        kl_own = None
+        if own is not None:
+            own_ids, own_mask = own.tensors(step, device)
+            own_kl = own_kl_step(
+                forward, heads, own_ids, own_mask, lm_weight, scale=own_scale,
+                attr_weights=attr_weights, impl=policy.loss.impl,
+            )  # fmt: skip
+            kl_own = dist.all_reduce_mean(ctx, float(own_kl.mean()))
         grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -205,6 +227,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
             "kind": "step", "job": job, "iteration": i, "step": step,
             "ce": dist.all_reduce_mean(ctx, sums["ce"]), "kl": dist.all_reduce_mean(ctx, sums["kl"]),
             "loss": dist.all_reduce_mean(ctx, sums["loss"]), "grad_norm": float(grad_norm),
+            **({"kl_own": kl_own} if kl_own is not None else {}),
             "lam_kl_by_domain": {d: float(kl_dom[j] / tok_dom[j]) if tok_dom[j] else None
                                  for j, d in enumerate(mixture.domains)},
             "head_value": dict(zip((a.name for a in ctx.compiled.attributes), sums["head"],
@@ -216,7 +239,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
         history.append(record)
         bar.update(1, ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.4f}")
         if step % ft.checkpoint_every == 0 and step < ft.steps and not StopRequest.requested:
-            _checkpoint(ctx, i, model, opt, step)
+            _checkpoint(ctx, i, model, opt, step, own)
         fault(job, step=step)
     # A stop asked for during the last step is not lost: θ_i is complete, so it is saved and
     # published as usual, and the run stops at that job boundary (schedules._run).
@@ -249,9 +272,12 @@ def peak_memory_mb(device: str) -> float:
 
 
 # ------------------------------------------------------------------------------ checkpoints
-def _checkpoint(ctx: TrainContext, i: int, model: Any, opt, step: int) -> None:
-    """Weights, optimizer, RNG and position of the running fine-tune, as one folder renamed into
-    place (a kill mid-write leaves the previous checkpoint intact)."""
+def _checkpoint(
+    ctx: TrainContext, i: int, model: Any, opt, step: int, own: OwnSamples | None = None
+) -> None:
+    """Weights, optimizer, RNG and position of the running fine-tune, and the own-sample batch
+    in use, as one folder renamed into place (a kill mid-write leaves the previous checkpoint
+    intact)."""
     if not ctx.writer:
         return
     from safetensors.torch import save_file
@@ -261,6 +287,8 @@ def _checkpoint(ctx: TrainContext, i: int, model: Any, opt, step: int) -> None:
         save_file(trainable_state(model), str(tmp / TRAINABLE))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_state(), str(tmp / "rng.safetensors"))
+        if own is not None and own.batch is not None:
+            own.batch.save(tmp)
         state = {"iteration": i, "step": step, "optimizer": rest, "version": CHECKPOINT_VERSION,
                  "data_position": step * ctx.policy.finetune.grad_accum}  # fmt: skip
         (tmp / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")

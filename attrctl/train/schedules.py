@@ -68,6 +68,9 @@ def _fingerprint_text(policy: Policy, legacy: bool) -> str:
     # Settings that do not change a regularized run stay out of its fingerprint, so runs made
     # before `finetune.objective` existed still resume.
     ft = data.get("finetune", {})
+    reg = data.get("regularization", {})
+    if not reg.get("own_samples", {}).get("lam"):  # off: runs from before the term still resume
+        reg.pop("own_samples", None)
     if ft.get("objective") != "rl":
         ft.pop("rl", None)
     if ft.get("objective") == "regularized":
