@@ -3,7 +3,9 @@
 Reads the JSON files ``attrctl eval`` writes (a run directory stands for every ``eval*.json`` in
 it) and renders one Markdown table — one row per result: violation rate by the training oracle
 and by the independent judge with its confidence interval, expected maximum score, held-out
-perplexity, multiple-choice accuracy, generation perplexity and diversity, training time — and a
+perplexity, multiple-choice accuracy, generation perplexity and diversity, training time —, a
+second table of held-out control in detail (the judge's share, mean, expected maximum and
+probability of any violation with intervals, the everyday prompts' share, perplexity), and a
 PNG of judge-scored violation against held-out perplexity, one labelled point per result, so a
 λ sweep draws the control/utility front. Every field may be missing (no judge, no MC tasks, an
 older file): its cell shows "–". The schema read (all optional but ``control``'s shape)::
@@ -58,6 +60,9 @@ class Row:
     oracle_exp_max: Stat
     judge_violation: Stat
     judge_exp_max: Stat
+    judge_mean: Stat
+    judge_probability: Stat
+    neutral_judge_violation: Stat
     heldout_ppl: float | None
     mc_accuracy: float | None
     mc_stderr: float | None
@@ -75,6 +80,7 @@ class Report:
     rows: list[Row]
     prompt_set: str
     attribute: str | None
+    control: str = ""  # the held-out control table in detail (:func:`control_table`)
     markdown_path: Path | None = None
     plot_path: Path | None = None
 
@@ -192,9 +198,18 @@ def pick_attribute(
     return "toxicity" if "toxicity" in names else (names[0] if names else None)
 
 
+def neutral_set(f: EvalFile, prompt_set: str) -> str | None:
+    """The file's everyday-prompt set beside ``prompt_set`` (a name with "neutral"), if any."""
+    control = f.data.get("control")
+    names = [n for n in control if "neutral" in n.lower()] if isinstance(control, dict) else []
+    return next((n for n in names if n != prompt_set), None)
+
+
 def to_row(f: EvalFile, prompt_set: str, attribute: str | None) -> Row:
     d = f.data
     scored = _get(d, "control", prompt_set, attribute) if attribute else None
+    neutral = neutral_set(f, prompt_set)
+    neutral_scored = _get(d, "control", neutral, attribute) if attribute and neutral else None
     distinct = _get(d, "generation", "distinct")
     label = d.get("label")
     method = d.get("method")
@@ -206,6 +221,9 @@ def to_row(f: EvalFile, prompt_set: str, attribute: str | None) -> Row:
         oracle_exp_max=_stat(_get(scored, "oracle", "expected_max")),
         judge_violation=_stat(_get(scored, "judge", "fraction")),
         judge_exp_max=_stat(_get(scored, "judge", "expected_max")),
+        judge_mean=_stat(_get(scored, "judge", "mean")),
+        judge_probability=_stat(_get(scored, "judge", "probability")),
+        neutral_judge_violation=_stat(_get(neutral_scored, "judge", "fraction")),
         heldout_ppl=_num(_get(d, "utility", "heldout_ppl", "value")),
         mc_accuracy=_num(_get(d, "utility", "mc", "accuracy")),
         mc_stderr=_num(_get(d, "utility", "mc", "stderr")),
@@ -269,6 +287,39 @@ def markdown_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) 
         "score among the prompt's continuations. Oracle: the classifier training used; judge: an "
         "independent classifier training never saw. Both catch explicit toxicity and miss "
         f"implicit hate. {DASH}: not measured."
+    )
+    return "\n".join([*lines, "", note])
+
+
+def _ci(s: Stat, digits: int = 3) -> str:
+    if s.value is None:
+        return DASH
+    ci = f" ({s.lo:.{digits}f}–{s.hi:.{digits}f})" if s.lo is not None and s.hi is not None else ""
+    return f"{s.value:.{digits}f}{ci}"
+
+
+def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -> str:
+    """Held-out control in detail, by the judge: the RealToxicityPrompts measures — share ≥ 0.5,
+    mean score, expected maximum and probability of at least one violation among a prompt's
+    continuations, each with its interval — the everyday prompts' share, held-out perplexity and
+    training time."""
+    head = ["run", "share ≥ 0.5", "mean", "expected max", "P(any ≥ 0.5)", "neutral share",
+            "held-out ppl", "train time"]  # fmt: skip
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = [
+            r.label.replace("|", "\\|"), _ci(r.judge_violation), _ci(r.judge_mean),
+            _ci(r.judge_exp_max), _ci(r.judge_probability), _ci(r.neutral_judge_violation),
+            _fix(r.heldout_ppl, 2), _duration(r.train_seconds),
+        ]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    what = f"attribute `{attribute}`" if attribute else "no attribute scored"
+    note = (
+        f"Judge scores on prompt set `{prompt_set}`, {what}, with 95% bootstrap intervals over "
+        "prompts: the share of continuations scoring ≥ 0.5, their mean score, the expected "
+        "maximum (mean over prompts of the highest score among a prompt's continuations) and the "
+        "probability that at least one of a prompt's continuations scores ≥ 0.5; neutral share: "
+        f"the share ≥ 0.5 on the everyday prompts. {DASH}: not measured."
     )
     return "\n".join([*lines, "", note])
 
@@ -343,8 +394,9 @@ def build_report(
     attr = pick_attribute(files, pset, attribute)
     rows = [to_row(f, pset, attr) for f in files]
     table = markdown_table(rows, pset, attr)
+    detail = control_table(rows, pset, attr)
     if out is None:
-        return Report(table, rows, pset, attr)
+        return Report(table, rows, pset, attr, detail)
     folder = Path(out).expanduser()
     if folder.exists() and not folder.is_dir():
         raise AttrctlError(f"{folder}: --out must be a folder; this is a file")
@@ -352,7 +404,8 @@ def build_report(
     sources = "\n".join(f"- {r.label}: `{r.source}`" for r in rows)
     with atomic_write(md) as fh:
         fh.write(
-            f"# attrctl report\n\n{table}\n\n![trade-off](tradeoff.png)\n\nSources:\n\n{sources}\n"
+            f"# attrctl report\n\n{table}\n\n![trade-off](tradeoff.png)\n\n"
+            f"## Held-out control in detail\n\n{detail}\n\nSources:\n\n{sources}\n"
         )
     plot_tradeoff(rows, png, pset)
-    return Report(table, rows, pset, attr, md, png)
+    return Report(table, rows, pset, attr, detail, md, png)

@@ -34,6 +34,7 @@ def report(
 
     res = build_report(paths, out, prompt_set=prompt_set, attribute=attribute)
     typer.echo(res.markdown)
+    typer.echo("\nHeld-out control in detail:\n\n" + res.control)
     if res.markdown_path is not None:
         typer.echo(f"\nwrote {res.markdown_path} and {res.plot_path}")
 

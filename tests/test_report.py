@@ -146,3 +146,27 @@ def test_paths_that_hold_nothing_are_errors(tmp_path):
         build_report([tmp_path])
     with pytest.raises(AttrctlError, match="no such file"):
         build_report([tmp_path / "missing.json"])
+
+
+def test_control_table_shows_the_tail_and_the_everyday_prompts(tmp_path):
+    def result(label, frac, mean, emax, prob, neutral):
+        m = {"fraction": {"value": frac, "ci": [frac - 0.01, frac + 0.01]},
+             "mean": {"value": mean, "ci": [mean - 0.02, mean + 0.02]},
+             "expected_max": {"value": emax, "ci": [emax - 0.05, emax + 0.05]},
+             "probability": {"value": prob, "ci": [prob - 0.1, prob + 0.1]}}  # fmt: skip
+        n = {"fraction": {"value": neutral, "ci": [0.0, 2 * neutral]}}
+        return {"label": label, "control": {"heldout_toxic": {"toxicity": {"judge": m}},
+                                            "heldout_neutral": {"toxicity": {"judge": n}}},
+                "utility": {"heldout_ppl": {"value": 40.123}}, "train_seconds": 1100}  # fmt: skip
+
+    rep = build_report([_write(tmp_path, "eval_a.json", result("ours", 0.06, 0.12, 0.6, 0.55,
+                                                                0.004))])  # fmt: skip
+    cells = _cells(rep.control)
+    row = dict(zip(cells[0], cells[2], strict=True))
+    assert row["share ≥ 0.5"] == "0.060 (0.050–0.070)"
+    assert row["mean"] == "0.120 (0.100–0.140)"
+    assert row["expected max"] == "0.600 (0.550–0.650)"
+    assert row["P(any ≥ 0.5)"] == "0.550 (0.450–0.650)"
+    assert row["neutral share"] == "0.004 (0.000–0.008)"
+    assert row["held-out ppl"] == "40.12" and row["train time"] == "18.3 min"
+    assert "heldout_toxic" in rep.control
