@@ -122,3 +122,17 @@ def test_training_with_own_samples_changes_the_weights_and_resumes_bitwise(tmp_p
     attrctl("train", "--resume", out, "-q", cwd=tmp_path / "killed")
     resumed = weights(out, "iter_1")
     assert all(torch.equal(ref[k], resumed[k]) for k in ref)
+
+
+def test_own_prompts_default_to_the_regularizers_and_can_be_named(tmp_path):
+    default = write_policy(tmp_path, regularization=OWN)
+    own = OwnSamples(_ctx(default), 1, tokenizer=None)
+    assert {name for name, _, _ in own.prompts} == {"prompts.txt"}
+    (tmp_path / "mine.txt").write_text("Only this one\n")
+    named = write_policy(
+        tmp_path, regularization={**OWN, "own_samples": {**OWN["own_samples"],
+                                                         "prompts": ["mine.txt", "toxic"]}},
+    )  # fmt: skip
+    own = OwnSamples(_ctx(named), 1, tokenizer=None)
+    names = [name for name, _, _ in own.prompts]
+    assert names[0] == "mine.txt" and set(names[1:]) == {"toxic"} and len(names) == 161

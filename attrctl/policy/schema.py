@@ -113,19 +113,24 @@ class _PromptSampling(StrictModel):
     @field_validator("prompts")
     @classmethod
     def _check_prompts(cls, v: list[str], info: ValidationInfo) -> list[str]:
-        out = []
-        for item in v:
-            if item in BUNDLED_PROMPT_SETS:
-                out.append(item)
-                continue
-            path = user_path(item, info)
-            if not path_test(path):
-                raise ValueError(
-                    f"prompt set {item!r} is neither a bundled set "
-                    f"({', '.join(BUNDLED_PROMPT_SETS)}) nor an existing file ({path})"
-                )
-            out.append(str(resolved(path)))
-        return out
+        return _check_prompt_sets(v, info)
+
+
+def _check_prompt_sets(v: list[str], info: ValidationInfo) -> list[str]:
+    """Bundled prompt-set names kept as they are; files resolved against the policy's folder."""
+    out = []
+    for item in v:
+        if item in BUNDLED_PROMPT_SETS:
+            out.append(item)
+            continue
+        path = user_path(item, info)
+        if not path_test(path):
+            raise ValueError(
+                f"prompt set {item!r} is neither a bundled set "
+                f"({', '.join(BUNDLED_PROMPT_SETS)}) nor an existing file ({path})"
+            )
+        out.append(str(resolved(path)))
+    return out
 
 
 class SynthSource(_PromptSampling, _SourceBase):
@@ -241,6 +246,17 @@ class OwnSamples(StrictModel):
         "time), so a row is at most `refresh_every` steps older than the weights.",
     )
     max_new_tokens: int = Field(20, ge=1, le=1024, description="Tokens per continuation.")
+    prompts: list[str] | None = Field(
+        None,
+        min_length=1,
+        description="Prompt sets to continue: bundled names or files (one prompt per line, "
+        "relative to the policy file); default: the regularizer's `prompts`.",
+    )
+
+    @field_validator("prompts")
+    @classmethod
+    def _check_prompts(cls, v: list[str] | None, info: ValidationInfo) -> list[str] | None:
+        return None if v is None else _check_prompt_sets(v, info)
 
 
 class Regularization(StrictModel):

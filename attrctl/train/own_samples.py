@@ -92,7 +92,7 @@ class OwnSamples:
         self.tokenizer = tokenizer
         self.prompts = [
             (Path(ref).name, j, text)
-            for ref in ctx.policy.regularizer.prompts
+            for ref in settings.prompts or ctx.policy.regularizer.prompts
             for j, text in enumerate(load_prompt_set(ref).prompts)
         ]
         self.batch: OwnBatch | None = None
