@@ -54,6 +54,12 @@ def eval_command(
     mc_tasks: str = typer.Option(
         ",".join(D.mc_tasks), "--mc-tasks", help="BIG-bench tasks, comma-separated."
     ),
+    gen_ppl_rows: int = typer.Option(
+        D.gen_ppl_rows,
+        "--gen-ppl-rows",
+        help="Continuations scored for generation perplexity under the base model, at most "
+        "(an even spread; 0: skip).",
+    ),
     device: str = typer.Option(D.device, "--device", help="Torch device (cpu, cuda, ...)."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (or .json file)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
@@ -67,7 +73,7 @@ def eval_command(
         k=k, top_p=top_p, max_new_tokens=max_new_tokens, seed=seed,
         prompts=str(prompts) if prompts else None, ppl_tokens=ppl_tokens, ppl_window=ppl_window,
         mc_examples=mc_examples, mc_tasks=tuple(t.strip() for t in mc_tasks.split(",") if t.strip()),
-        device=device,
+        gen_ppl_rows=gen_ppl_rows, device=device,
     )  # fmt: skip
     progress = None if quiet else RichProgress(Console(stderr=True))
     done = run_eval(target, policy=policy, guided=str(guided) if guided else None,

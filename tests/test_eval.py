@@ -199,6 +199,7 @@ def _check_schema(result: dict, sets: list[str], attribute: str = "toxicity") ->
             assert m["samples"] == m["prompts"] * result["settings"]["k"]
     assert set(result["generation"]["distinct"]) == {"1", "2", "3"}
     assert result["generation"]["ppl"] > 1
+    assert 0 < result["generation"]["rows"] <= result["settings"]["gen_ppl_rows"]
 
 
 def test_cli_eval_tiny_random_writes_json_and_is_deterministic(run_cli, tmp_path):
@@ -404,3 +405,15 @@ def test_guided_eval_uses_the_runs_heads(run_cli, tiny_run, tmp_path, monkeypatc
     assert any(set(r.tokens) - allowed for r in unguided), [r.tokens for r in unguided]
     for r in guided + guided_base:
         assert set(r.tokens) <= allowed and len(r.tokens) == 4, (r.tokens, sorted(allowed))
+
+
+def test_generation_perplexity_scores_an_even_spread_of_the_continuations():
+    from attrctl.eval.control import Continuation
+    from attrctl.eval.quality import spread
+
+    rows = [Continuation("s", i // 25, i % 25, f"p{i // 25}", (1,), "x") for i in range(3750)]
+    picked = spread(rows, 1000)
+    assert 0 < len(picked) <= 1000 and len(picked) >= 1000 * 0.7
+    by_prompt = {r.prompt_index for r in picked}
+    assert by_prompt == set(range(150))  # every prompt keeps a share
+    assert spread(rows[:40], 1000) == rows[:40] and spread(rows, 0) == []

@@ -11,7 +11,7 @@ The three promises (docs/design.md, "What attrctl promises"), measured as the pa
 2. **Utility** (:mod:`attrctl.eval.utility`) — perplexity on held-out Shakespeare plays, and
    zero-shot multiple-choice accuracy on the fetched BIG-bench tasks beside chance.
 3. **Generation quality** (:mod:`attrctl.eval.quality`) — perplexity of the continuations under
-   the base model, and distinct-1/2/3.
+   the base model (on an even spread of at most ``gen_ppl_rows`` of them), and distinct-1/2/3.
 
 The result (``RUN_DIR/eval.json``; ``eval_guided.json`` with ``--guided``; a model's under
 ``runs/eval/<model>/``) has this schema, which ``attrctl report`` reads::
@@ -23,14 +23,16 @@ The result (``RUN_DIR/eval.json``; ``eval_guided.json`` with ``--guided``; a mod
     guided           str | null     the run whose heads steered decoding
     policy           str    the policy whose oracles scored
     settings         {k, top_p, max_new_tokens, seed, prompt_sets, prompts, ppl_tokens,
-                      ppl_window, mc_examples, mc_tasks, resamples, batch_size, device, judge, ...}
+                      ppl_window, mc_examples, mc_tasks, gen_ppl_rows, resamples, batch_size,
+                      device, judge, ...}
     control          {<prompt set> and "all": {<attribute>: {"oracle": M, "judge": M | null}}}
         M = {"expected_max" | "probability" | "mean" | "fraction": {"value", "ci": [lo, hi]},
              "prompts", "samples", "threshold"}
     utility          {"heldout_ppl": {"value", "tokens", "window"} | null,
                       "mc": {"tasks": {name: {"accuracy", "stderr", "chance", "n"}},
                              "accuracy", "stderr", "chance"} | null}
-    generation       {"ppl", "base_model", "distinct": {"1", "2", "3"}}
+    generation       {"ppl" | null, "rows": scored for ppl, "base_model",
+                      "distinct": {"1", "2", "3"}}
     train_seconds    float | null   sum of the run's job times (state.json)
     eval_seconds     float
     environment      {device_name, threads, torch, triton, python, git_commit, time}

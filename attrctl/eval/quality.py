@@ -40,6 +40,14 @@ def generation_perplexity(
     return math.exp(-sum(lp for lp, _ in scored) / tokens)
 
 
+def spread(rows: Sequence[Continuation], limit: int) -> list[Continuation]:
+    """At most ``limit`` of ``rows``, evenly spread (every ⌈n / limit⌉-th row, so each prompt's
+    share stays about the same); all of them when there are no more than ``limit``."""
+    if limit <= 0:
+        return []
+    return list(rows[:: math.ceil(len(rows) / limit)]) if len(rows) > limit else list(rows)
+
+
 def distinctness(texts: Sequence[str]) -> dict[str, float]:
     """``{"1", "2", "3"}``: distinct-n of all continuations."""
     return {str(n): distinct_n(texts, n) for n in (1, 2, 3)}

@@ -234,15 +234,18 @@ def evaluate(
         mc = utility.mc_accuracy(model, tok, tasks, max_examples=settings.mc_examples, bar=bar)
         bar.close()
 
-    # ---- generation quality, under the base model
-    if resolved.base_spec is not None and resolved.base_spec != resolved.model_spec:
-        del model
-        base = load_model(resolved.base_spec, device=settings.device).model
-    else:
-        base = model
-    bar = _bar(progress, "generation ppl", len(rows), "row")
-    gen_ppl = quality.generation_perplexity(base, tok, rows, bar=bar)
-    bar.close()
+    # ---- generation quality, under the base model, on an even spread of the continuations
+    gen_rows = quality.spread(rows, settings.gen_ppl_rows)
+    gen_ppl = None
+    if gen_rows:
+        if resolved.base_spec is not None and resolved.base_spec != resolved.model_spec:
+            del model
+            base = load_model(resolved.base_spec, device=settings.device).model
+        else:
+            base = model
+        bar = _bar(progress, "generation ppl", len(gen_rows), "row")
+        gen_ppl = quality.generation_perplexity(base, tok, gen_rows, bar=bar)
+        bar.close()
 
     from attrctl import __version__
     from attrctl.bench import environment
@@ -260,6 +263,7 @@ def evaluate(
         "utility": {"heldout_ppl": heldout, "mc": mc},
         "generation": {
             "ppl": gen_ppl,
+            "rows": len(gen_rows),
             "base_model": resolved.base_spec or resolved.model_spec,
             "distinct": quality.distinctness([r.text for r in rows]),
         },

@@ -33,6 +33,10 @@ class EvalSettings:
         ppl_tokens: held-out Shakespeare tokens scored for perplexity (0: skip).
         ppl_window: tokens per perplexity window; None: the policy's ``finetune.seq_len``.
         mc_examples: examples per BIG-bench task at most (0: skip multiple choice).
+        gen_ppl_rows: continuations scored under the base model for generation perplexity, at
+            most (an even spread over all of them; 0: skip). Scoring is a forward pass of the base
+            model per continuation — at k 25 on the held-out sets, all 3,750 would take about as
+            long as sampling them.
         mc_tasks: the BIG-bench tasks to score.
         bigbench_root: where fetched tasks live (None: the attrctl cache).
         resamples: bootstrap resamples for the 95% intervals.
@@ -49,6 +53,7 @@ class EvalSettings:
     ppl_window: int | None = None
     mc_examples: int = 100
     mc_tasks: tuple[str, ...] = field(default=DEFAULT_MC_TASKS)
+    gen_ppl_rows: int = 1000
     bigbench_root: Path | None = None
     resamples: int = 1000
     batch_size: int = 64
@@ -63,6 +68,7 @@ class EvalSettings:
             (self.ppl_tokens >= 0, f"--ppl-tokens must be >= 0, got {self.ppl_tokens}"),
             (self.ppl_window is None or self.ppl_window >= 2, f"--ppl-window must be at least 2, got {self.ppl_window}"),
             (self.mc_examples >= 0, f"--mc-examples must be >= 0, got {self.mc_examples}"),
+            (self.gen_ppl_rows >= 0, f"--gen-ppl-rows must be >= 0, got {self.gen_ppl_rows}"),
             (self.resamples >= 1, f"resamples must be at least 1, got {self.resamples}"),
             (self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}"),
         ]  # fmt: skip

@@ -68,7 +68,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
     gppl = "n/a" if gen["ppl"] is None else f"{gen['ppl']:.2f}"
     d = gen["distinct"]
     lines.append(
-        f"generations: perplexity {gppl} under {gen['base_model']}; "
+        f"generations: perplexity {gppl} under {gen['base_model']}"
+        f"{f' ({n} continuations)' if (n := gen.get('rows')) is not None else ''}; "
         f"distinct-1/2/3 {d['1']:.3f} / {d['2']:.3f} / {d['3']:.3f}"
     )
     train = result.get("train_seconds")
