@@ -338,14 +338,21 @@ def plot_tradeoff(rows: Sequence[Row], path: Path, prompt_set: str) -> None:
     pts = [r for r in rows if drawable(r)]
     skipped = [r.label for r in rows if not drawable(r)]
     fig, ax = plt.subplots(figsize=(7, 5))
+    xs = [r.heldout_ppl for r in pts] or [0.0]
+    ys = [100 * r.judge_violation.value for r in pts] or [0.0]
+    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
+    placed: list[tuple[float, float]] = []  # labels already drawn, in axis-fraction units
     for r in pts:
         v = r.judge_violation
         lo = v.value - v.lo if v.lo is not None else 0.0
         hi = v.hi - v.value if v.hi is not None else 0.0
         ax.errorbar([r.heldout_ppl], [100 * v.value], yerr=[[100 * max(lo, 0)], [100 * max(hi, 0)]],
                     fmt="o", capsize=3)  # fmt: skip
+        here = (r.heldout_ppl / span_x, 100 * v.value / span_y)
+        near = sum(abs(here[0] - a) < 0.08 and abs(here[1] - b) < 0.05 for a, b in placed)
+        placed.append(here)  # a label near another one goes below it, not on top of it
         ax.annotate(r.label, (r.heldout_ppl, 100 * v.value), textcoords="offset points",
-                    xytext=(5, 5), fontsize=8)  # fmt: skip
+                    xytext=(5, 5 - 11 * near), fontsize=8)  # fmt: skip
     front, best = [], math.inf
     for r in sorted(pts, key=lambda r: (r.heldout_ppl, r.judge_violation.value)):
         if r.judge_violation.value < best:
