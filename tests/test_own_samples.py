@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
+import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import SIGNAL, _steps, attrctl, run_with_fault, weights, write_policy
+from test_train import SIGNAL, _steps, attrctl, env, run_with_fault, weights, write_policy
 
 from attrctl.heads import RegularizerHead, forward_with_tap
 from attrctl.models import load_model
@@ -25,7 +27,10 @@ def _ctx(policy_path: Path, rank: int = 0, world: int = 1):
     return SimpleNamespace(policy=load_policy(policy_path), rank=rank, world=world)
 
 
-def test_rows_do_not_depend_on_the_rank_split_or_the_refresh_moment(tmp_path):
+def test_rows_do_not_depend_on_the_rank_split_or_the_refresh_moment(tmp_path, monkeypatch):
+    # one process plays each rank in turn: the shares stay unshared (torchrun gathers them; the
+    # torchrun test below runs that)
+    monkeypatch.setattr("attrctl.train.own_samples.gather_rows", lambda ctx, rows: rows)
     policy = write_policy(tmp_path, regularization={**OWN, "own_samples": {**OWN["own_samples"],
                                                                           "rows": 4}})  # fmt: skip
     loaded = load_model("tiny-random", device="cpu")
@@ -136,3 +141,37 @@ def test_own_prompts_default_to_the_regularizers_and_can_be_named(tmp_path):
     own = OwnSamples(_ctx(named), 1, tokenizer=None)
     names = [name for name, _, _ in own.prompts]
     assert names[0] == "mine.txt" and set(names[1:]) == {"toxic"} and len(names) == 161
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_torchrun_two_ranks_resume_inside_a_window_on_the_gathered_rows(tmp_path):
+    """Each rank samples its share of a window and the shares are gathered, so the checkpoint
+    rank 0 writes holds every rank's rows: a 2-rank run killed inside a window resumes on them."""
+    base = dict(SIGNAL, schedule={"mode": "sequential", "iterations": 1}, regularization=OWN)
+    torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
+                "--master-port", "29531", "-m", "attrctl.cli", "train"]  # fmt: skip
+    runs = {}
+    for name, fault in (("whole", None), ("killed", "finetune/1:step=2:SIGKILL")):
+        (tmp_path / name).mkdir()
+        policy = write_policy(tmp_path / name, **base)
+        out = tmp_path / name / "run"
+        e = env() | ({"ATTRCTL_FAULT": fault} if fault else {})
+        proc = subprocess.run([*torchrun, "-p", str(policy), "--out", str(out), "-q"],
+                              cwd=tmp_path / name, env=e, capture_output=True, text=True,
+                              timeout=600)  # fmt: skip
+        if fault is None:
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        else:
+            assert proc.returncode != 0
+            saved = json.loads(
+                (out / "checkpoints" / "finetune_1" / "own_samples.json").read_text()
+            )
+            assert sorted(map(int, saved["rows"])) == list(range(8))  # both ranks' rows
+            proc = subprocess.run([*torchrun, "--resume", str(out), "-q"], cwd=tmp_path / name,
+                                  env=env(), capture_output=True, text=True, timeout=600)  # fmt: skip
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        assert all(r["kl_own"] > 0 for r in _steps(out))
+        runs[name] = weights(out, "iter_1")
+    for k, v in runs["whole"].items():
+        torch.testing.assert_close(runs["killed"][k], v, rtol=1e-6, atol=1e-8)

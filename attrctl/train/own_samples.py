@@ -30,6 +30,7 @@ from attrctl.data.prompt_sets import load_prompt_set
 from attrctl.errors import AttrctlError
 from attrctl.losses import token_kl
 from attrctl.sampling import prompt_token_ids, row_seed, sample_continuations
+from attrctl.train.distributed import gather_rows
 
 FILE = "own_samples.json"  # the batch in a fine-tune checkpoint folder
 SAMPLE_BATCH = 64
@@ -43,7 +44,8 @@ class OwnBatch:
         first: the stream index of the first row of the refresh window.
         count: rows in the window (all ranks together).
         rows: ``{g: (ids, start)}``: prompt + continuation token ids and the index of the first
-            continuation token, for the rows ``g`` this rank regularizes.
+            continuation token, for every row of the window (each rank samples its share and
+            the shares are gathered, so the checkpoint rank 0 writes holds every rank's rows).
     """
 
     first: int
@@ -88,7 +90,8 @@ class OwnSamples:
                 f"regularization.own_samples.rows {self.per_step} must be a multiple of the "
                 f"number of ranks ({ctx.world})"
             )
-        self.rank, self.world, self.seed, self.i = ctx.rank, ctx.world, ctx.policy.seed, i
+        self.ctx, self.rank, self.world = ctx, ctx.rank, ctx.world
+        self.seed, self.i = ctx.policy.seed, i
         self.tokenizer = tokenizer
         self.prompts = [
             (Path(ref).name, j, text)
@@ -136,7 +139,9 @@ class OwnSamples:
                     rows[g] = (ids + cont, len(ids))
         finally:
             model.train(was_training)
-        self.batch = OwnBatch(first, count, rows)
+        shared = gather_rows(self.ctx, [{"g": g, "ids": ids, "start": start}
+                                        for g, (ids, start) in rows.items()])  # fmt: skip
+        self.batch = OwnBatch(first, count, {r["g"]: (r["ids"], r["start"]) for r in shared})
 
     def tensors(self, step: int, device: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """``ids`` ``[r, L]`` (right-padded) and ``mask`` ``[r, L]``: True at the positions that
