@@ -262,7 +262,7 @@ def markdown_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) 
     head = ["run", "method", "violation, oracle", "exp. max, oracle", "violation, judge",
             "exp. max, judge", "held-out ppl", mc_head, "gen. ppl", "distinct-1/2/3",
             "train time"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    body = []
     for r in rows:
         if r.mc_accuracy is None:
             mc = DASH
@@ -279,7 +279,7 @@ def markdown_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) 
             _pct(r.judge_violation), _fix(r.judge_exp_max.value),
             _fix(r.heldout_ppl, 1), mc, _fix(r.gen_ppl, 1), distinct, _duration(r.train_seconds),
         ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+        body.append(cells)
     what = f"attribute `{attribute}`" if attribute else "no attribute scored"
     note = (
         f"Violation: share of continuations scoring ≥ 0.5 on prompt set `{prompt_set}`, {what}, "
@@ -288,6 +288,13 @@ def markdown_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) 
         "independent classifier training never saw. Both catch explicit toxicity and miss "
         f"implicit hate. {DASH}: not measured."
     )
+    return _table(head, body, note)
+
+
+def _table(head: Sequence[str], body: Sequence[Sequence[str]], note: str) -> str:
+    """A Markdown table (header, rule, one line per row of cells) and the note under it."""
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(cells) + " |" for cells in body]
     return "\n".join([*lines, "", note])
 
 
@@ -305,14 +312,12 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
     training time."""
     head = ["run", "share ≥ 0.5", "mean", "expected max", "P(any ≥ 0.5)", "neutral share",
             "held-out ppl", "train time"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
-            r.label.replace("|", "\\|"), _ci(r.judge_violation), _ci(r.judge_mean),
-            _ci(r.judge_exp_max), _ci(r.judge_probability), _ci(r.neutral_judge_violation),
-            _fix(r.heldout_ppl, 2), _duration(r.train_seconds),
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
+    body = [
+        [r.label.replace("|", "\\|"), _ci(r.judge_violation), _ci(r.judge_mean),
+         _ci(r.judge_exp_max), _ci(r.judge_probability), _ci(r.neutral_judge_violation),
+         _fix(r.heldout_ppl, 2), _duration(r.train_seconds)]
+        for r in rows
+    ]  # fmt: skip
     what = f"attribute `{attribute}`" if attribute else "no attribute scored"
     note = (
         f"Judge scores on prompt set `{prompt_set}`, {what}, with 95% bootstrap intervals over "
@@ -321,7 +326,7 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
         "probability that at least one of a prompt's continuations scores ≥ 0.5; neutral share: "
         f"the share ≥ 0.5 on the everyday prompts. {DASH}: not measured."
     )
-    return "\n".join([*lines, "", note])
+    return _table(head, body, note)
 
 
 def plot_tradeoff(rows: Sequence[Row], path: Path, prompt_set: str) -> None:

@@ -83,8 +83,8 @@ class OwnSamples:
 
     def __init__(self, ctx: Any, i: int, tokenizer: Any):
         settings = ctx.policy.regularization.own_samples
-        self.lam, self.per_step = settings.lam, settings.rows
-        self.refresh, self.max_new = settings.refresh_every, settings.max_new_tokens
+        self.per_step, self.refresh = settings.rows, settings.refresh_every
+        self.max_new = settings.max_new_tokens
         if self.per_step % ctx.world:
             raise AttrctlError(
                 f"regularization.own_samples.rows {self.per_step} must be a multiple of the "
