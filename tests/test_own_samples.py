@@ -11,7 +11,16 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from test_train import SIGNAL, _steps, attrctl, env, run_with_fault, weights, write_policy
+from test_train import (
+    SIGNAL,
+    _steps,
+    attrctl,
+    env,
+    free_port,
+    run_with_fault,
+    weights,
+    write_policy,
+)
 
 from attrctl.heads import RegularizerHead, forward_with_tap
 from attrctl.models import load_model
@@ -150,7 +159,7 @@ def test_torchrun_two_ranks_resume_inside_a_window_on_the_gathered_rows(tmp_path
     rank 0 writes holds every rank's rows: a 2-rank run killed inside a window resumes on them."""
     base = dict(SIGNAL, schedule={"mode": "sequential", "iterations": 1}, regularization=OWN)
     torchrun = [str(Path(sys.executable).parent / "torchrun"), "--nproc-per-node", "2",
-                "--master-port", "29531", "-m", "attrctl.cli", "train"]  # fmt: skip
+                "--master-port", free_port(), "-m", "attrctl.cli", "train"]  # fmt: skip
     runs = {}
     for name, fault in (("whole", None), ("killed", "finetune/1:step=2:SIGKILL")):
         (tmp_path / name).mkdir()

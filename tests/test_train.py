@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -67,6 +68,14 @@ def write_policy(tmp: Path, name: str = "tiny", **extra) -> Path:
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(policy))  # JSON is YAML
     return path
+
+
+def free_port() -> str:
+    """A TCP port no one listens on now, for torchrun's rendezvous: a fixed port collides when two
+    suites (or two torchrun tests) run on one machine at once."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return str(sock.getsockname()[1])
 
 
 def env() -> dict:
@@ -284,7 +293,7 @@ def test_torchrun_two_ranks_matches_one_process(reference_run, tmp_path):
     policy = write_policy(tmp_path)
     out = tmp_path / "run"
     torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", "29517", "-m", "attrctl.cli",
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", free_port(), "-m", "attrctl.cli",
            "train", "-p", str(policy), "--out", str(out), "-q"]  # fmt: skip
     proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
