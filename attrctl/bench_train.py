@@ -18,7 +18,7 @@ cached features: head features, ``head_fit_loss``, backward, AdamW).
 
 The steps are built from the project's training pieces (``select_trainable``, ``load_heads``,
 ``forward_with_tap``, ``regularized_lm_loss``, ``head_fit_loss``), and
-:func:`attrctl.train.loop.micro_step` is the very micro-batch the fine-tune job runs.
+:func:`attrctl.train.finetune.micro_step` is the very micro-batch the fine-tune job runs.
 
 Data: random token ids ``[batch_size, seq_len]`` from the model's vocabulary (fixed seed); row
 ``r`` belongs to domain ``r mod D`` of the policy's domains (sorted), and its tokens get that
@@ -59,8 +59,8 @@ import torch
 
 from attrctl.bench import _proc_kb, _reset_hwm, environment
 from attrctl.errors import AttrctlError
-from attrctl.train.jobs import consistency_pairs
-from attrctl.train.loop import micro_step
+from attrctl.train.finetune import micro_step
+from attrctl.train.fit import consistency_pairs
 
 #: The rows, in the order they are run and printed.
 ROWS = ("sft", "sft_fused", "reg", "sampler", "head_fit")
@@ -319,7 +319,7 @@ def _sampler_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], int], in
     """One batch of the sample job; returns a function giving the tokens it generated."""
     from attrctl.data.prompt_sets import load_prompt_set
     from attrctl.sampling import row_seed, sample_continuations
-    from attrctl.train.jobs import SAMPLE_BATCH, TEMPERATURE, TOP_P
+    from attrctl.train.sample import SAMPLE_BATCH, TEMPERATURE, TOP_P
 
     reg = st.compiled.policy.regularizer
     prompts = [p for ref in reg.prompts for p in load_prompt_set(ref).prompts]

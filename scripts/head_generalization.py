@@ -23,7 +23,7 @@ from attrctl.heads_io import load_heads
 from attrctl.models import load_model
 from attrctl.policy import compile_policy, load_policy
 from attrctl.sampling import prompt_token_ids, sample_continuations
-from attrctl.train.jobs import auc
+from attrctl.train.fit import auc
 
 
 def last_token_r(model, head, prompt_ids: list[int], tokens: list[int]) -> float:

@@ -3,7 +3,7 @@
 A sequence starts with the tokenizer's BOS where the tokenizer adds one by default (Llama-2/3),
 never twice; continuations are encoded without special tokens and appended. Checked with the
 tiny-random tokenizer as it is (adds no BOS) and reconfigured to prepend ``<|im_start|>`` (id 1)
-as its BOS: head fitting (``train.jobs._encode``) sees exactly the ids the sampler conditioned on
+as its BOS: head fitting (``train.fit._encode``) sees exactly the ids the sampler conditioned on
 while generating a row, the training mixture's examples start with BOS, and the eval sequences
 (held-out windows, multiple-choice contexts) do too.
 """
@@ -22,7 +22,7 @@ from attrctl.data.sources import Example
 from attrctl.eval import utility
 from attrctl.models import load_model
 from attrctl.models.load import TINY_TOKENIZER_DIR
-from attrctl.train.jobs import _encode
+from attrctl.train.fit import _encode
 
 BOS = 1  # <|im_start|>, the BOS of the BOS-adding variant
 EOS = 0  # <|endoftext|>: eos (and bos) of the plain tokenizer

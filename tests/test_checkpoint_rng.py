@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from attrctl.train.loop import rng_state, set_rng_state
+from attrctl.train.finetune import rng_state, set_rng_state
 
 
 @pytest.fixture

@@ -20,7 +20,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from attrctl.train.jobs import (
+from attrctl.train.fit import (
     MIN_PROMPTS_HELD_OUT,
     consistency_pairs,
     held_out_split,
@@ -138,7 +138,7 @@ from pathlib import Path
 from attrctl.policy import compile_policy, load_policy
 from attrctl.train import distributed as dist
 from attrctl.train.context import TrainContext
-from attrctl.train.jobs import fit_job
+from attrctl.train.fit import fit_job
 from attrctl.train.rundir import RunDir
 
 rank, world = dist.init_from_env("cpu")

@@ -786,7 +786,7 @@ def _trained(out_features: int = 3):
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
     """A checkpoint of the model under test, and one of another policy's (other shapes)."""
-    from attrctl.train.loop import _checkpoint
+    from attrctl.train.finetune import _checkpoint
 
     root = tmp_path_factory.mktemp("ckpt")
     for name, features in (("mine", 3), ("other", 5)):
@@ -838,7 +838,7 @@ def test_fuzz_checkpoints(checkpoints, profile):
 
     import torch
 
-    from attrctl.train.loop import _restore
+    from attrctl.train.finetune import _restore
 
     mine, other = checkpoints
 

@@ -34,8 +34,9 @@ from attrctl.losses import regularized_lm_loss
 from attrctl.policy import compile_policy, load_policy
 from attrctl.policy.schema import FineTune, HeadSpec
 from attrctl.train.context import TrainContext
-from attrctl.train.jobs import auc, fit_job, sample_stats
+from attrctl.train.fit import auc, fit_job
 from attrctl.train.rundir import RunDir
+from attrctl.train.sample import sample_stats
 
 N_LAYERS = 2  # tiny-random: a 2-layer Llama, hidden 64
 HIDDEN = 64
@@ -272,7 +273,7 @@ def test_fitted_head_gives_kl_on_toxic_tokens_and_flat_head_none(fitted, tiny):
 
 # ----------------------------------------------------------------------------- fit_job, misc
 def test_fit_job_without_samples_saves_the_zero_head(fitted, tiny):
-    rec = fit_job(fitted.ctx, 7, -1)
+    rec = fit_job(fitted.ctx, 7, None)
     assert rec["fitted"] is False
     heads = load_heads(fitted.compiled, tiny.model, fitted.run.heads(7))
     assert not heads[0].weight.any() and not heads[0].bias.any()

@@ -1,12 +1,16 @@
 """Training: the sample → fit → fine-tune iteration, its schedules, the run directory.
 
-- :mod:`attrctl.train.loop` — the fine-tune job: one readable training loop;
-- :mod:`attrctl.train.jobs` — the sample and fit jobs;
+- :mod:`attrctl.train.plan` — the jobs as data (what each reads and publishes) and the order
+  each schedule runs them in;
+- :mod:`attrctl.train.schedules` — :func:`train`: data preparation, then the plan, stage by stage;
+- :mod:`attrctl.train.sample` — the sample job (S_i from θ_i);
+- :mod:`attrctl.train.fit` — the fit job (R_i on S_j);
+- :mod:`attrctl.train.finetune` — the fine-tune job (θ_i): one readable training loop;
+- :mod:`attrctl.train.own_samples` — the fine-tune's KL term on its own continuations;
 - :mod:`attrctl.train.rl` — the ``rl`` baseline's fine-tune job (TRL's GRPOTrainer);
-- :mod:`attrctl.train.schedules` — sequential and parallel arrangements, and :func:`train`;
 - :mod:`attrctl.train.rundir` — atomic state, manifest, metrics, ownership of a run directory;
 - :mod:`attrctl.train.distributed` — torchrun / DDP;
-- :mod:`attrctl.train.weights` — θ_i's trainable weights and the optimizer state on disk;
+- :mod:`attrctl.train.weights` — θ_i's trainable weights (and loading θ_i), the optimizer state;
 - :mod:`attrctl.train.final_model` — the run's final model as a transformers folder;
 - :mod:`attrctl.train.plots` — the training curves (``plots/training.png``);
 - :mod:`attrctl.train.summary` — the closing summary of ``attrctl train``.

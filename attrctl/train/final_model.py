@@ -9,7 +9,7 @@ from attrctl.paths import atomic_dir
 
 def save_final(ctx: Any) -> None:
     """θ_I (LoRA merged) with its tokenizer, ``save_pretrained`` as safetensors."""
-    from attrctl.train.jobs import load_theta
+    from attrctl.train.weights import load_theta
 
     model, tok = load_theta(ctx, ctx.policy.schedule.iterations, "sample")
     if hasattr(model, "merge_and_unload"):

@@ -34,7 +34,7 @@ from transformers import PrinterCallback, TrainerCallback
 from attrctl.errors import AttrctlError
 from attrctl.policy.compile import CompiledPolicy
 from attrctl.train.context import TrainContext
-from attrctl.train.loop import peak_memory_mb
+from attrctl.train.finetune import peak_memory_mb
 from attrctl.train.weights import load_trainable, save_trainable, select_trainable
 
 

@@ -1,6 +1,9 @@
-"""One job of a parallel iteration, run as its own process by :func:`run_roles`.
+"""One job of a parallel stage, run as its own process by
+:func:`attrctl.train.schedules.run_roles`.
 
-    python -m attrctl.train.role RUN_DIR ROLE INDEX ARG ITERATION
+    python -m attrctl.train.role RUN_DIR JOB_JSON ITERATION
+
+JOB_JSON is :meth:`attrctl.train.plan.Job.to_json` (e.g. ``{"role": "fit", "i": 2, "samples": 0}``).
 
 It reads the run's resolved policy (``policy.yaml``) and only what the manifest lists, runs the job,
 and writes its result to ``.roles/<role>_<index>.json``; the parent publishes it.
@@ -22,12 +25,13 @@ def main(argv: list[str]) -> int:
     from attrctl.paths import atomic_write
     from attrctl.policy import compile_policy, load_policy
     from attrctl.train.context import StatusFileProgress, StopRequest, TrainContext
+    from attrctl.train.plan import job_from_json
     from attrctl.train.rundir import RunDir
     from attrctl.train.schedules import run_job
 
-    root, role, idx = Path(argv[0]), argv[1], int(argv[2])
-    arg = int(argv[3]) if len(argv) > 3 and argv[3] != "" else None
-    iteration = argv[4] if len(argv) > 4 else "?"
+    root, job = Path(argv[0]), job_from_json(argv[1])
+    role, idx = job.role, job.i
+    iteration = argv[2] if len(argv) > 2 else "?"
     folder = root / ".roles"
     StopRequest.install()  # SIGTERM from the parent: a fine-tune checkpoints before it stops
     try:
@@ -46,7 +50,7 @@ def main(argv: list[str]) -> int:
         ctx = TrainContext(compiled=compiled, run=run,
                            progress=StatusFileProgress(folder / f"{role}_{idx}.status.json"))  # fmt: skip
         t0 = time.perf_counter()
-        res = run_job(ctx, role, idx, arg)
+        res = run_job(ctx, job)
         res["wall_s"] = time.perf_counter() - t0
         with atomic_write(folder / f"{role}_{idx}.json") as fh:
             json.dump(res, fh)

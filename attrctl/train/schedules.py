@@ -1,20 +1,13 @@
-"""How the jobs of a run are arranged, and :func:`train`, the whole run.
+""":func:`train`, the whole run: prepare the data, then run the job plan, one stage at a time.
 
-See docs/design.md, "Iterations and schedules".
-
-Sequential, iteration i = 1..I:   sample S_{i−1} from θ_{i−1} → fit R_i on S_{i−1} → fine-tune θ_i
-                                   with R_i.
-Parallel, iteration i = 1..I:     at the same time, as three processes: sample S_{i−1} from
-                                   θ_{i−1} · fit R_i on S_{i−2} · fine-tune θ_i with R_{i−1}.
-Both end by sampling S_I from the final θ_I, so the run reports the violation rate of the base
-model's samples (S_0) and of the final model's (S_I) on the same prompts with the same seeds.
-
-Baselines (``finetune.objective`` ``sft``, ``filter``, ``rl``): no heads to fit, so S_0, then the
-fine-tune jobs θ_1..θ_I one after another (the plain-CE loop, or TRL's trainer for ``rl``), then
-S_I; ``schedule.mode`` does not apply.
+The plan — which jobs, with which indices, in which order — is :mod:`attrctl.train.plan`; this
+module runs it. A stage of one job runs in this process (on every rank under torchrun); a stage
+of several jobs (the parallel schedule) runs them at the same time, one process each
+(:func:`run_roles`), and this process alone publishes their results.
 
 Every job is skipped when the manifest already lists it: a resumed run (or a fresh ``train`` into
-the same run directory with the same policy) goes straight to the first unfinished job.
+the same run directory with the same policy) goes straight to the first unfinished job. A job
+whose inputs are not published stops the run naming them.
 """
 
 from __future__ import annotations
@@ -38,10 +31,12 @@ from attrctl.policy.schema import Policy
 from attrctl.policy.show import resolved_dict
 from attrctl.train import distributed as dist
 from attrctl.train.context import StopRequest, TrainContext
-from attrctl.train.jobs import fit_job, sample_job
+from attrctl.train.finetune import finetune_job
+from attrctl.train.fit import fit_job
 from attrctl.train.lambdas import auto_lambdas
-from attrctl.train.loop import finetune_job
+from attrctl.train.plan import FinetuneJob, FitJob, Job, Mode, SampleJob, missing_inputs, plan
 from attrctl.train.rundir import RunDir, write_json
+from attrctl.train.sample import sample_job
 
 ROLES = ("sample", "fit", "finetune")
 
@@ -119,18 +114,19 @@ def train(
     try:
         _prepare_data(ctx)
         ctx.mixture()  # every data source loads (or fails, naming it) before any job starts
-        if policy.finetune.objective != "regularized":
-            _baseline(ctx)
-        elif policy.schedule.mode == "parallel" and world == 1:
+        mode = plan_mode(policy, world)
+        if mode == "baseline" and policy.finetune.objective == "filter":
+            _record_filter(ctx)
+        elif mode != "baseline":
             ctx.compiled = _resolve_lambdas(ctx)
-            _parallel(ctx)
-        else:
-            ctx.compiled = _resolve_lambdas(ctx)
-            if policy.schedule.mode == "parallel" and ctx.writer:
-                print("attrctl train: under torchrun the parallel schedule runs its jobs one "
-                      "after another (each job already uses every rank)", file=sys.stderr)  # fmt: skip
-            _sequential(ctx)
-        _run(ctx, "sample", policy.schedule.iterations)  # S_I from the final model
+        if mode == "sequential" and policy.schedule.mode == "parallel" and ctx.writer:
+            print("attrctl train: under torchrun the parallel schedule runs its jobs one "
+                  "after another (each job already uses every rank)", file=sys.stderr)  # fmt: skip
+        for stage in plan(mode, policy.schedule.iterations):
+            if len(stage) == 1:
+                _run(ctx, stage[0])
+            else:
+                _run_stage(ctx, stage)
         if ctx.writer and _final_iteration(run, trained) != policy.schedule.iterations:
             from attrctl.train.final_model import save_final
 
@@ -226,95 +222,94 @@ def _record_filter(ctx: TrainContext) -> None:
     ctx.log({"kind": "filter", **rec})
 
 
-# ------------------------------------------------------------------------------------ schedules
-def _baseline(ctx: TrainContext) -> None:
-    """sft / filter / rl: S_0 from the base model, then θ_1..θ_I with no heads (λ ignored)."""
-    if ctx.policy.finetune.objective == "filter":
-        _record_filter(ctx)
-    _run(ctx, "sample", 0)
-    for i in range(1, ctx.policy.schedule.iterations + 1):
-        _run(ctx, "finetune", i, 0)
+# ------------------------------------------------------------------------------------ jobs
+def plan_mode(policy: Policy, world: int) -> Mode:
+    """Which plan a run follows: a baseline objective has no heads to fit; the parallel schedule
+    runs its roles as processes of one machine, so under torchrun it runs sequentially."""
+    if policy.finetune.objective != "regularized":
+        return "baseline"
+    if policy.schedule.mode == "parallel" and world == 1:
+        return "parallel"
+    return "sequential"
 
 
-def _sequential(ctx: TrainContext) -> None:
-    for i in range(1, ctx.policy.schedule.iterations + 1):
-        _run(ctx, "sample", i - 1)
-        _run(ctx, "fit", i, i - 1)
-        _run(ctx, "finetune", i, i)
-
-
-def _parallel(ctx: TrainContext) -> None:
-    for i in range(1, ctx.policy.schedule.iterations + 1):
-        jobs = [("sample", i - 1, None), ("fit", i, i - 2), ("finetune", i, i - 1)]
-        todo = [j for j in jobs if ctx.run.done(_job_name(j[0], j[1])) is None]
-        if not todo:
-            continue
-        t0 = time.perf_counter()
-        results = run_roles(ctx, todo, iteration=i)
-        failed = [res["error"] for res in results if "error" in res]
-        for (role, idx, _), res in zip(todo, results, strict=True):
-            if "error" not in res:  # kept even when another role failed: a resume skips it
-                _publish(ctx, role, idx, res)
-        if failed:
-            raise AttrctlError(
-                "parallel role(s) failed: " + "; ".join(failed) + ". The roles that finished are "
-                f"kept; continue with: attrctl train --resume {ctx.run.root}"
-            )
-        walls = {r: res["wall_s"] for (r, _, _), res in zip(todo, results, strict=True)}
-        ctx.log({"kind": "parallel_iteration", "iteration": i, "role_wall_s": walls,
-                 "critical_path_s": max(walls.values()),
-                 "sequential_sum_s": sum(walls.values()),
-                 "wall_s": time.perf_counter() - t0})  # fmt: skip
-
-
-def _job_name(role: str, idx: int) -> str:
-    return f"{role}/{idx}"
-
-
-def _run(ctx: TrainContext, role: str, idx: int, arg: int | None = None) -> None:
-    """Run one job in this process unless the manifest already lists it; then publish it."""
-    if ctx.run.done(_job_name(role, idx)) is not None:
+def _run_stage(ctx: TrainContext, stage: list[Job]) -> None:
+    """The jobs of one stage at the same time, one process each (the parallel schedule)."""
+    todo = [job for job in stage if ctx.run.done(job.name) is None]
+    if not todo:
         return
-    settings = ctx.policy.schedule.role(role)
+    iteration = max(job.i for job in stage if isinstance(job, FinetuneJob))
+    t0 = time.perf_counter()
+    results = run_roles(ctx, todo, iteration=iteration)
+    failed = [res["error"] for res in results if "error" in res]
+    for job, res in zip(todo, results, strict=True):
+        if "error" not in res:  # kept even when another role failed: a resume skips it
+            _publish(ctx, job, res)
+    if failed:
+        raise AttrctlError(
+            "parallel role(s) failed: " + "; ".join(failed) + ". The roles that finished are "
+            f"kept; continue with: attrctl train --resume {ctx.run.root}"
+        )
+    walls = {job.role: res["wall_s"] for job, res in zip(todo, results, strict=True)}
+    ctx.log({"kind": "parallel_iteration", "iteration": iteration, "role_wall_s": walls,
+             "critical_path_s": max(walls.values()),
+             "sequential_sum_s": sum(walls.values()),
+             "wall_s": time.perf_counter() - t0})  # fmt: skip
+
+
+def _run(ctx: TrainContext, job: Job) -> None:
+    """Run one job in this process unless the manifest already lists it; then publish it."""
+    if ctx.run.done(job.name) is not None:
+        return
+    settings = ctx.policy.schedule.role(job.role)
     threads = _set_threads(settings.threads)
     t0 = time.perf_counter()
     try:
-        res = run_job(ctx, role, idx, arg)
+        res = run_job(ctx, job)
     finally:
         _set_threads(threads)
     res["wall_s"] = time.perf_counter() - t0
-    _publish(ctx, role, idx, res)
+    _publish(ctx, job, res)
     dist.barrier(ctx)
     if StopRequest.requested:  # SIGINT/SIGTERM during the job's last step: it is kept, and the
         raise Interrupted(  # run stops here rather than carrying the request into the next job
-            f"stopped after {_job_name(role, idx)}; finished jobs are kept. Continue with: "
+            f"stopped after {job.name}; finished jobs are kept. Continue with: "
             f"attrctl train --resume {ctx.run.root}"
         )
 
 
-def run_job(ctx: TrainContext, role: str, idx: int, arg: int | None) -> dict[str, Any]:
-    if role == "sample":
-        return sample_job(ctx, idx)
-    if role == "fit":
-        return fit_job(ctx, idx, -1 if arg is None else arg)
+def run_job(ctx: TrainContext, job: Job) -> dict[str, Any]:
+    """Run ``job`` once its inputs are published; its result record (not yet published)."""
+    missing = missing_inputs(job, ctx.run.state()["jobs"])
+    if missing:
+        raise AttrctlError(
+            f"{ctx.run.root}: {job.name} ({job}) needs {', '.join(missing)}, not published in "
+            "state.json — the run directory was changed outside attrctl, or the job was started "
+            "out of its plan's order"
+        )
+    if isinstance(job, SampleJob):
+        return sample_job(ctx, job.i)
+    if isinstance(job, FitJob):
+        return fit_job(ctx, job.i, job.samples)
     if ctx.policy.finetune.objective == "rl":
         from attrctl.train.rl import rl_job  # imports TRL: only runs that use it pay for it
 
-        return rl_job(ctx, idx)
-    return finetune_job(ctx, idx, 0 if arg is None else arg)
+        return rl_job(ctx, job.i)
+    assert isinstance(job, FinetuneJob)
+    return finetune_job(ctx, job.i, job.heads)
 
 
-def _publish(ctx: TrainContext, role: str, idx: int, res: dict[str, Any]) -> None:
+def _publish(ctx: TrainContext, job: Job, res: dict[str, Any]) -> None:
     if not ctx.writer:
         return
-    ctx.log({"kind": role, "job": _job_name(role, idx), **res})
-    ctx.run.publish(_job_name(role, idx), res)
-    fault("publish", job=_job_name(role, idx))
-    if role == "finetune":
+    ctx.log({"kind": job.role, "job": job.name, **res})
+    ctx.run.publish(job.name, res)
+    fault("publish", job=job.name)
+    if isinstance(job, FinetuneJob):
         import shutil
 
-        shutil.rmtree(ctx.run.checkpoint(idx), ignore_errors=True)  # θ_i is published
-    if role in ("finetune", "sample"):
+        shutil.rmtree(ctx.run.checkpoint(job.i), ignore_errors=True)  # θ_i is published
+    if isinstance(job, FinetuneJob | SampleJob):
         from attrctl.train.plots import plot_run
 
         plot_run(ctx.run)
@@ -330,9 +325,7 @@ def _set_threads(n: int | None) -> int:
 
 
 # ------------------------------------------------------------------------------------ roles
-def run_roles(
-    ctx: TrainContext, jobs: list[tuple[str, int, int | None]], iteration: int
-) -> list[dict]:
+def run_roles(ctx: TrainContext, jobs: list[Job], iteration: int) -> list[dict]:
     """Run jobs at the same time, one process each; wait for all; return their results.
 
     Each process reads the resolved policy and what the manifest lists, writes its output and a
@@ -342,16 +335,16 @@ def run_roles(
     folder = ctx.run.root / ".roles"
     folder.mkdir(exist_ok=True)
     procs = []
-    for role, idx, arg in jobs:
-        settings = ctx.policy.schedule.role(role)
+    for job in jobs:
+        settings = ctx.policy.schedule.role(job.role)
         env = dict(os.environ)
         if settings.threads:
             env["OMP_NUM_THREADS"] = str(settings.threads)
-        name = f"{role}_{idx}"
+        name = f"{job.role}_{job.i}"
         for suffix in (".json", ".status.json"):
             (folder / f"{name}{suffix}").unlink(missing_ok=True)
-        cmd = [sys.executable, "-m", "attrctl.train.role", str(ctx.run.root), role, str(idx),
-               "" if arg is None else str(arg), str(iteration)]  # fmt: skip
+        cmd = [sys.executable, "-m", "attrctl.train.role", str(ctx.run.root), job.to_json(),
+               str(iteration)]  # fmt: skip
         log = (folder / f"{name}.log").open("w")
         procs.append((name, subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)))
     try:

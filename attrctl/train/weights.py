@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from attrctl.errors import AttrctlError
 from attrctl.paths import atomic_dir
 from attrctl.policy.compile import CompiledPolicy
+from attrctl.train.context import TrainContext
 
 TRAINABLE = "trainable.safetensors"
 
@@ -110,6 +111,26 @@ def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 def _dedup(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage; clone() above gives each tensor its own
     return {k: v.contiguous() for k, v in tensors.items()}
+
+
+# ------------------------------------------------------------------------------ θ_i
+def load_theta(ctx: TrainContext, i: int, role: str):
+    """θ_i on the role's device: the base model with iteration i's trainable tensors, in eval
+    mode, plus its tokenizer. θ_0 is the base model."""
+    from attrctl.models import load_model
+
+    loaded = load_model(ctx.policy.model, device=ctx.role_device(role))
+    model = select_trainable(loaded.model, ctx.compiled)
+    if i > 0:
+        if ctx.run.done(f"finetune/{i}") is None:
+            raise AttrctlError(
+                f"{ctx.run.root}: θ_{i} (finetune/{i}) is not published in state.json"
+            )
+        load_trainable(model, ctx.run.model(i))
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, loaded.tokenizer
 
 
 # ------------------------------------------------------------------------------ optimizer

@@ -110,9 +110,11 @@ def micro_step(
     return out, reg_heads
 
 
-def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
-    """Fine-tune θ_i from θ_{i−1} with heads R_{head_index} (R_0: zero heads); under the ``sft``
-    and ``filter`` objectives with no heads at all (plain CE; λ is ignored)."""
+def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str, Any]:
+    """Fine-tune θ_i from θ_{i−1} with heads R_{heads_index}; ``None``: no heads — under the
+    ``sft`` and ``filter`` objectives plain CE (λ is ignored), under ``regularized`` zero heads
+    (q = p, the parallel schedule's first iteration). The schedule has checked that θ_{i−1} and
+    R_{heads_index} are published (:class:`attrctl.train.plan.FinetuneJob`)."""
     from attrctl.models import load_model
 
     policy, ft, run = ctx.policy, ctx.policy.finetune, ctx.run
@@ -132,9 +134,9 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     regularized = ft.objective == "regularized"
-    has_heads = regularized and head_index > 0 and run.done(f"fit/{head_index}") is not None
+    has_heads = regularized and heads_index is not None
     if regularized:
-        heads = load_heads(ctx.compiled, model, run.heads(head_index) if has_heads else None)
+        heads = load_heads(ctx.compiled, model, run.heads(heads_index) if has_heads else None)
     else:  # sft / filter: no heads, so no taps and no KL pass — the plain fused CE
         heads = torch.nn.ModuleList()
     heads.to(device)
@@ -246,7 +248,7 @@ def finetune_job(ctx: TrainContext, i: int, head_index: int) -> dict[str, Any]:
     StopRequest.end_job()
     bar.close()
 
-    meta = {"iteration": i, "heads": head_index if has_heads else 0, "steps": ft.steps}
+    meta = {"iteration": i, "heads": heads_index if has_heads else 0, "steps": ft.steps}
     if ctx.writer:
         save_trainable(model, run.model(i), meta)
     dist.barrier(ctx)
