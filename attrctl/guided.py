@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from attrctl.errors import AttrctlError
-from attrctl.heads import FINAL, RegularizerHead, _decoder
+from attrctl.heads import FINAL, RegularizerHead, decoder_of
 from attrctl.train.rundir import FinishedRun, is_run_dir, open_finished_run
 
 
@@ -90,7 +90,7 @@ class NadoLogitsProcessor(LogitsProcessor):
 
     # ---------------------------------------------------------------------------- hooks
     def _attach(self) -> None:
-        dec = _decoder(self.model)
+        dec = decoder_of(self.model)
         self._hooks.append(dec.register_forward_pre_hook(self._on_start, with_kwargs=True))
         for tap in sorted({h.tap for h in self.heads}):
             if tap == FINAL:

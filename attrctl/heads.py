@@ -61,7 +61,8 @@ def default_tap(spec: HeadSpec, finetune: FineTune, n_layers: int) -> int:
     return FINAL
 
 
-def _decoder(model: Any) -> Any:
+def decoder_of(model: Any) -> Any:
+    """The module holding the decoder layers (``model.get_decoder()``); AttrctlError if none."""
     dec = model.get_decoder() if hasattr(model, "get_decoder") else None
     if dec is None or not hasattr(dec, "layers"):
         raise AttrctlError(
@@ -88,7 +89,7 @@ def forward_with_tap(
     Returns:
         ``(hidden [B, T, H], {tap: [B, T, H] detached})``; ``hidden`` carries the graph.
     """
-    dec = _decoder(model)
+    dec = decoder_of(model)
     grabbed: dict[int, torch.Tensor] = {}
     hooks = []
     for tap in set(taps) - {FINAL}:
@@ -129,7 +130,7 @@ class _TransformerBody(nn.Module):
 
     def __init__(self, model: Any, tap: int, spec: HeadSpec):
         super().__init__()
-        dec = _decoder(model)
+        dec = decoder_of(model)
         n = len(dec.layers)
         start = n if tap == FINAL else tap
         if not hasattr(dec, "rotary_emb") or not hasattr(dec, "norm"):

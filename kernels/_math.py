@@ -39,7 +39,7 @@ times the spread of log R over q (≲ 1e-6 for a spread below 1; see tests/test_
 Updates. When m_p grows by δ the previous sums rescale by exp(−δ); when the anchor moves (a
 tile holds a larger b + log R) the previous q sums rescale by exp of the (non-positive) anchor
 shift, and e_q gains shift·d_q (plus δ·d_q for a reference base, whose e_q holds ℓ − m_p).
-Entries with ℓ = −inf (a masked vocabulary) contribute exactly 0 to every sum; the ``_safe``
+Entries with ℓ = −inf (a masked vocabulary) contribute exactly 0 to every sum; the ``safe``
 maxima keep −inf − (−inf) out.
 """
 
@@ -58,20 +58,20 @@ def _log1p(x):
 
 
 @triton.jit
-def _log_sigmoid(r):
+def log_sigmoid(r):
     # logσ(r) = min(r, 0) − log1p(exp(−|r|)): never exp of a positive number, and for r ≪ 0 it
     # returns r itself instead of log(σ(r)) = log(0) = −inf.
     return tl.minimum(r, 0.0) - _log1p(tl.exp(-tl.abs(r)))
 
 
 @triton.jit
-def _safe(m):
+def safe(m):
     # a running max that is still −inf (nothing seen yet) acts as 0 when subtracted
     return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
-def _log_r_tile(
+def log_r_tile(
     reg_row_ptr,  # [K, ·, V] head logits, already offset to this row; stride reg_stride_k over K
     reg_stride_k,
     w_ptr,  # [K] fp32 attribute weights
@@ -85,7 +85,7 @@ def _log_r_tile(
     for k in range(K):
         w = tl.load(w_ptr + k)
         r = tl.load(reg_row_ptr + k * reg_stride_k + offs, mask=col_mask, other=0.0)
-        log_r += w * _log_sigmoid(r.to(tl.float32))
+        log_r += w * log_sigmoid(r.to(tl.float32))
     return log_r
 
 
@@ -96,7 +96,7 @@ def _pick(sel, x):
 
 
 @triton.jit
-def _two_lse_step(
+def two_lse_step(
     lg, b, log_r, m_p, d_p, beta, rho, d_q, e_q, HAS_REF: tl.constexpr, BLOCK_V: tl.constexpr
 ):
     """One tile of the online two-LSE pass (see the module docstring); returns the new state.
@@ -109,7 +109,7 @@ def _two_lse_step(
     # p: online max and sum of exp(ℓ − m_p)
     m_p_new = tl.maximum(m_p, tl.max(lg, 0))
     delta_p = tl.where(m_p == ninf, 0.0, m_p_new - m_p)
-    x = lg - _safe(m_p_new)  # ℓ − m_p: exact near the max, whatever the magnitude of ℓ
+    x = lg - safe(m_p_new)  # ℓ − m_p: exact near the max, whatever the magnitude of ℓ
     d_p = d_p * tl.exp(-delta_p) + tl.sum(tl.exp(x), 0)
 
     # q's anchor. On the first live tile: the lane of the largest b, so that with a constant
@@ -119,7 +119,7 @@ def _two_lse_step(
         j0 = lanes == tl.argmax(b, 0)
         beta = _pick(j0, b)  # stays −inf while every lane so far is −inf
         rho = _pick(j0, log_r)
-    s = (b - _safe(beta)) + (log_r - rho)  # log-weights relative to the anchor
+    s = (b - safe(beta)) + (log_r - rho)  # log-weights relative to the anchor
     shift = tl.zeros((), tl.float32)  # ≤ 0: how the old sums rescale when the anchor moves
     rho_shift = tl.zeros((), tl.float32)
     if tl.max(s, 0) > 0.0:  # this tile holds a larger b + log R: move the anchor there
@@ -148,18 +148,18 @@ def _two_lse_step(
 
 
 @triton.jit
-def _safe_log(d):
+def safe_log(d):
     # log of a sum that is 0 on skipped rows; those rows' outputs are masked afterwards
     return tl.log(tl.where(d > 0.0, d, 1.0))
 
 
 __all__ = [
     "_log1p",
-    "_log_r_tile",
-    "_log_sigmoid",
     "_pick",
-    "_safe",
-    "_safe_log",
-    "_two_lse_step",
+    "log_r_tile",
+    "log_sigmoid",
+    "safe",
+    "safe_log",
     "triton",
+    "two_lse_step",
 ]

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from attrctl.kernels._math import _log_r_tile, _safe, _safe_log, _two_lse_step
+from attrctl.kernels._math import log_r_tile, safe, safe_log, two_lse_step
 from attrctl.kernels._utils import (
     KernelConfig,
     fast_fp32_matmul,
@@ -88,17 +88,17 @@ def _fused_reg_lm_kernel(
         offs = start + tl.arange(0, BLOCK_V)
         col_mask = offs < V
         lg = tl.load(l_row + offs, mask=col_mask, other=ninf).to(tl.float32)
-        log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
-        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+        log_r = log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
+        m_p, d_p, beta, rho, d_q, e_q = two_lse_step(
             lg, lg, log_r, m_p, d_p, beta, rho, d_q, e_q, False, BLOCK_V
         )
 
     safe_label = tl.where(valid, label, 0)
     l_y = tl.load(l_row + safe_label, mask=valid, other=0.0).to(tl.float32)
-    m_p = _safe(m_p)
-    beta = _safe(beta)
-    log_dp = _safe_log(d_p)
-    log_dq = _safe_log(d_q)
+    m_p = safe(m_p)
+    beta = safe(beta)
+    log_dp = safe_log(d_p)
+    log_dq = safe_log(d_q)
     ce = (m_p - l_y) + log_dp  # LSE(ℓ) − ℓ_y without adding two large numbers
     # E_q[log R − ρ] − (LSE(ℓ + log R − ρ) − LSE(ℓ)): no term of the size of log R (see _math)
     kl = e_q / tl.where(valid, d_q, 1.0) - (beta - m_p) - log_dq + log_dp
@@ -115,7 +115,7 @@ def _fused_reg_lm_kernel(
             col_mask = offs < V
             read_mask = offs < n_read
             lg = tl.load(l_row + offs, mask=read_mask, other=ninf).to(tl.float32)
-            log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
+            log_r = log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
             p = tl.exp((lg - m_p) - log_dp)
             q = tl.exp((lg - beta) + (log_r - rho) - log_dq)  # differences first, as in _math
             grad = (1.0 + lam) * p - lam * q - tl.where(offs == label, 1.0, 0.0)

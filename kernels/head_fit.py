@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from attrctl.kernels._math import _log_sigmoid, _safe, _safe_log, _two_lse_step
+from attrctl.kernels._math import log_sigmoid, safe, safe_log, two_lse_step
 from attrctl.kernels._utils import (
     KernelConfig,
     fast_fp32_matmul,
@@ -79,14 +79,14 @@ def _head_fit_kernel(
         col_mask = offs < V
         lg = tl.load(l_row + offs, mask=col_mask, other=ninf).to(tl.float32)
         r = tl.load(r_row + offs, mask=col_mask, other=0.0).to(tl.float32)
-        log_r = _log_sigmoid(r)
-        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+        log_r = log_sigmoid(r)
+        m_p, d_p, beta, rho, d_q, e_q = two_lse_step(
             lg, lg, log_r, m_p, d_p, beta, rho, d_q, e_q, False, BLOCK_V
         )
-    m_p = _safe(m_p)
-    beta = _safe(beta)
-    log_dp = _safe_log(d_p)
-    log_dq = _safe_log(d_q)
+    m_p = safe(m_p)
+    beta = safe(beta)
+    log_dp = safe_log(d_p)
+    log_dq = safe_log(d_q)
     # m = LSE(ℓ + logσ r) − LSE(ℓ) = (β − m_p) + ρ + log d_q − log d_p
     m = tl.where(paired, ((beta - m_p) + rho) + (log_dq - log_dp), 0.0)
     tl.store(m_ptr + row, m)
@@ -101,7 +101,7 @@ def _head_fit_kernel(
             read_mask = offs < n_read
             lg = tl.load(l_row + offs, mask=read_mask, other=ninf).to(tl.float32)
             r = tl.load(r_row + offs, mask=read_mask, other=0.0).to(tl.float32)
-            ls = _log_sigmoid(r)
+            ls = log_sigmoid(r)
             # q (1 − σ(r)) = exp((ℓ − β) + (logσ r − ρ) − log d_q) · exp(logσ r − r)
             g = coef * tl.exp((lg - beta) + (ls - rho) - log_dq + (ls - r))
             g = tl.where(read_mask, g, 0.0)

@@ -8,7 +8,7 @@ Maths (row t, vocabulary V, K heads with weights w_k):
     ∂KL_t/∂ℓ_t = p_t − q_t                  (q is detached: docs/design.md, "What is detached")
 
 Forward: ``_token_kl_fwd_kernel`` runs one program per row and reads ℓ, b and the K head-logit
-rows once, tile by tile, keeping the six scalars of ``_math._two_lse_step``; it writes KL and
+rows once, tile by tile, keeping the six scalars of ``_math.two_lse_step``; it writes KL and
 five per-row statistics (p's max and log-normaliser, q's anchor and log-normaliser). q is never
 stored.
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-from attrctl.kernels._math import _log_r_tile, _safe, _safe_log, _two_lse_step
+from attrctl.kernels._math import log_r_tile, safe, safe_log, two_lse_step
 from attrctl.kernels._utils import KernelConfig, pick_block_v, pick_num_warps
 
 # per-row statistics saved for backward: max ℓ, log d_p, and q's anchor β, ρ and log d_q
@@ -78,21 +78,21 @@ def _token_kl_fwd_kernel(
             b = tl.load(b_row + offs, mask=col_mask, other=ninf).to(tl.float32)
         else:
             b = lg
-        log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
-        m_p, d_p, beta, rho, d_q, e_q = _two_lse_step(
+        log_r = log_r_tile(r_row, reg_stride_k, w_ptr, offs, col_mask, K, BLOCK_V)
+        m_p, d_p, beta, rho, d_q, e_q = two_lse_step(
             lg, b, log_r, m_p, d_p, beta, rho, d_q, e_q, HAS_REF, BLOCK_V
         )
 
     active = n_cols > 0
-    log_dp = _safe_log(d_p)
-    log_dq = _safe_log(d_q)
+    log_dp = safe_log(d_p)
+    log_dq = safe_log(d_q)
     kl = e_q / tl.where(active, d_q, 1.0) - log_dq + log_dp
     if not HAS_REF:
-        kl -= _safe(beta) - _safe(m_p)  # β − m_p: q's mode below p's, exact near the top
+        kl -= safe(beta) - safe(m_p)  # β − m_p: q's mode below p's, exact near the top
     tl.store(kl_ptr + row, tl.where(active, kl, 0.0))
-    tl.store(stats_ptr + row, _safe(m_p))
+    tl.store(stats_ptr + row, safe(m_p))
     tl.store(stats_ptr + N + row, log_dp)
-    tl.store(stats_ptr + 2 * N + row, _safe(beta))
+    tl.store(stats_ptr + 2 * N + row, safe(beta))
     tl.store(stats_ptr + 3 * N + row, rho)
     tl.store(stats_ptr + 4 * N + row, log_dq)
 
@@ -142,7 +142,7 @@ def _token_kl_bwd_kernel(
             b = tl.load(b_row + offs, mask=read_mask, other=float("-inf")).to(tl.float32)
         else:
             b = lg
-        log_r = _log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
+        log_r = log_r_tile(r_row, reg_stride_k, w_ptr, offs, read_mask, K, BLOCK_V)
         p = tl.exp(lg - m_p - log_dp)
         q = tl.exp((b - beta) + (log_r - rho) - log_dq)  # differences first, as in _math
         grad = g * (p - q)

@@ -500,10 +500,11 @@ def _synth_policy(tmp: Path):
 
 def _synth_rows(policy, continuations: list[str]) -> list[dict]:
     from attrctl.data.prompt_sets import load_prompt_set
-    from attrctl.data.synth import _stamp, row_settings, synth_source_of
+    from attrctl.data.synth import row_settings, synth_source_of
+    from attrctl.data.synth_file import settings_stamp
 
     source = synth_source_of(policy)
-    stamp = _stamp(row_settings(policy, source, "tiny-random"))
+    stamp = settings_stamp(row_settings(policy, source, "tiny-random"))
     rows = []
     for ref in source.prompts:
         pset = load_prompt_set(ref)

@@ -173,3 +173,40 @@ def test_the_detector_finds_a_cycle_through_a_deferred_relative_import(tmp_path)
 
     (pkg / "b.py").write_text("def helper():\n    return 1\n")  # the shared piece moved down
     assert find_cycles(module_graph({"pkg": pkg})) == []
+
+
+LONG_MODULE = 500  # lines; a longer module says why at its top (a docstring line "Long: …")
+
+
+def test_no_module_imports_another_modules_private_name():
+    """``from attrctl.x import _name`` reaches into x's internals: what two modules share is
+    public in one of them (or in a lower module both use)."""
+    files = module_files(ROOTS)
+    reach_ins = []
+    for path in files.values():
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith(
+                "attrctl"
+            )):  # fmt: skip
+                for alias in node.names:
+                    if alias.name.startswith("_") and not alias.name.startswith("__"):
+                        where = path.relative_to(REPO)
+                        reach_ins.append(f"{where}:{node.lineno} imports {alias.name}")
+    assert not reach_ins, "\n".join(reach_ins)
+
+
+def test_long_modules_say_why_at_their_top():
+    files = module_files(ROOTS)
+    unexplained = []
+    for path in files.values():
+        text = path.read_text(encoding="utf-8")
+        if text.count("\n") <= LONG_MODULE:
+            continue
+        doc = ast.get_docstring(ast.parse(text)) or ""
+        if not any(line.startswith("Long: ") for line in doc.splitlines()):
+            unexplained.append(f"{path.relative_to(REPO)} ({text.count(chr(10))} lines)")
+    assert not unexplained, (
+        f"over {LONG_MODULE} lines with no 'Long: …' line in the docstring: "
+        + ", ".join(unexplained)
+    )

@@ -39,12 +39,12 @@ from attrctl.data.prompt_sets import PromptSet, load_prompt_set
 from attrctl.data.synth_file import ROW_FIELDS as ROW_FIELDS
 from attrctl.data.synth_file import TEXT_FIELDS as TEXT_FIELDS
 from attrctl.data.synth_file import (
-    _check_compatible,
-    _drop_partial_line,
-    _is_number,
-    _numbered_rows,
-    _stamp,
+    check_compatible,
+    drop_partial_line,
+    is_number,
+    numbered_rows,
     row_settings,
+    settings_stamp,
     synth_path,
 )
 from attrctl.data.synth_file import read_rows as read_rows
@@ -165,7 +165,7 @@ def synthesize(
     report = SynthReport(path=out)
 
     model_spec = model if isinstance(model, str) else getattr(model, "spec", None) or policy.model
-    stamp = _stamp(row_settings(policy, source, model_spec))
+    stamp = settings_stamp(row_settings(policy, source, model_spec))
     prompts = {ps.name: ps.prompts for ps in sets}
     numbered, partial = _read_existing(out, stamp, prompts)
     todo = _todo(numbered, items, source)
@@ -206,7 +206,7 @@ def synthesize(
                         new = _run_batch(batch, done, loaded, compiled, policy, source, stamp)
                         if fh is None:  # the first append: cut a line a kill left half written
                             if partial:
-                                _drop_partial_line(out)
+                                drop_partial_line(out)
                                 report.dropped_partial_line = True
                             with writing(out):
                                 fh = out.open("ab", buffering=0)
@@ -247,10 +247,10 @@ def _read_existing(
             return [], False
     except OSError as err:
         raise AttrctlError(f"{out}: cannot read ({err.strerror or err})") from None
-    numbered, partial = _numbered_rows(out)
+    numbered, partial = numbered_rows(out)
     seen: dict[tuple, int] = {}
     for lineno, row in numbered:
-        if not _is_number(row.get("score")):
+        if not is_number(row.get("score")):
             raise AttrctlError(f"{out}:{lineno}: corrupt row (`score` is not a finite number)")
         first = seen.setdefault(_key(row), lineno)
         if first != lineno:
@@ -260,7 +260,7 @@ def _read_existing(
                 f"{row['sample']}); delete one of them"
             )
     # every row, not only the wanted ones: the file is one data set, whatever --limit says
-    _check_compatible(out, numbered, stamp, prompts)
+    check_compatible(out, numbered, stamp, prompts)
     return numbered, partial
 
 

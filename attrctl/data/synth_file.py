@@ -74,13 +74,13 @@ def read_rows(
             a JSON object, or a field missing or of the wrong type (named with its line).
     """
     path = Path(path)
-    rows, partial = _numbered_rows(path, required)
+    rows, partial = numbered_rows(path, required)
     if repair and partial:
-        _drop_partial_line(path)
+        drop_partial_line(path)
     return [row for _, row in rows]
 
 
-def _numbered_rows(
+def numbered_rows(
     path: Path, required: Iterable[str] = tuple(ROW_FIELDS)
 ) -> tuple[list[tuple[int, dict[str, Any]]], bool]:
     """(line number, row) of each non-blank complete line, and whether a partial last line
@@ -128,12 +128,12 @@ def _row_problem(row: Any, required: Iterable[str]) -> str | None:
         if kind is int and value < 0:
             return f"`{name}` is negative"
     for name, value in row.get("scores", {}).items():
-        if not _is_number(value):
+        if not is_number(value):
             return f"`scores.{name}` is {_json_type(value)}, not a finite number"
     return None
 
 
-def _is_number(value: Any) -> bool:
+def is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
@@ -143,7 +143,7 @@ def _json_type(value: Any) -> str:
     return names.get(type(value), type(value).__name__)
 
 
-def _drop_partial_line(path: Path) -> None:
+def drop_partial_line(path: Path) -> None:
     """Cut a partially written last line (a kill mid-append) off ``path``."""
     with writing(path), path.open("r+b") as fh:
         data_end = fh.seek(0, os.SEEK_END)
@@ -201,7 +201,7 @@ def _sha16(data: Any) -> str:
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()[:16]
 
 
-def _stamp(settings: dict[str, Any]) -> dict[str, Any]:
+def settings_stamp(settings: dict[str, Any]) -> dict[str, Any]:
     """The row fields that record ``settings``: the plain ones, ``labelled_by``, ``fingerprint``."""
     return {
         "domain": settings["domain"],
@@ -252,7 +252,7 @@ def _differences(row: dict[str, Any], stamp: dict[str, Any]) -> list[str]:
     return diff
 
 
-def _check_compatible(
+def check_compatible(
     path: Path,
     rows: list[tuple[int, dict[str, Any]]],
     stamp: dict[str, Any],

@@ -37,6 +37,10 @@ backward only multiplies them by the scalar ``grad_output``. For ``reduction="no
 weights are ``grad_output[t]``, unknown at forward time, and ``grad_W`` sums over rows, so the
 forward computes only the loss and backward recomputes the pass with those weights (one more
 logits matmul; documented trade-off).
+
+Long: the forward and backward of every fused loss here share the chunk buffers, the chunk-size
+budget and the in-place logσ / LSE helpers; split apart, they would reach into each other's
+internals.
 """
 
 from __future__ import annotations

@@ -70,10 +70,10 @@ def bundled_gguf_path(bundled: BundledModel) -> Path:
 
 def cached_conversion(gguf: Path, dest: Path) -> Path:
     """Return ``dest`` holding a safetensors copy of ``gguf``, converting first if needed."""
-    if _is_current(gguf, dest):
+    if is_current(gguf, dest):
         return dest
     with _lock(dest):
-        if not _is_current(gguf, dest):  # another process may have finished while we waited
+        if not is_current(gguf, dest):  # another process may have finished while we waited
             convert_gguf(gguf, dest)
     return dest
 
@@ -160,7 +160,8 @@ def _load_converted(
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=str(folder))
 
 
-def _is_current(gguf: Path, dest: Path) -> bool:
+def is_current(gguf: Path, dest: Path) -> bool:
+    """Whether ``dest`` holds a finished conversion of ``gguf`` (its manifest matches the file)."""
     try:
         manifest = json.loads((dest / MANIFEST).read_text())
     except (OSError, ValueError):

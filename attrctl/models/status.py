@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from attrctl.errors import AssetError
-from attrctl.models.gguf import _is_current, bundled_gguf_path
+from attrctl.models.gguf import bundled_gguf_path, is_current
 from attrctl.models.registry import BUNDLED, TINY_RANDOM
 from attrctl.paths import cache_dir
 
@@ -25,7 +25,7 @@ def builtin_models() -> list[dict[str, str]]:
             )
             continue
         dest = cache_dir("models") / f"bundled-{name}"
-        if _is_current(gguf, dest):
+        if is_current(gguf, dest):
             rows.append({"spec": spec, "status": "ready", "detail": f"cached in {dest}"})
         else:
             rows.append(

@@ -4,6 +4,9 @@ A policy is data. It is read with ``yaml.safe_load`` and validated by these stri
 models: unknown keys are errors, ``kind:`` fields come from closed sets (plus installed oracle
 plugins), and nothing in a policy imports or runs code. Relative input paths resolve against the
 policy file's folder; ``output_dir`` resolves against the directory attrctl runs in.
+
+Long: one pydantic model per policy section, kept in one file so the whole schema reads top to
+bottom as the policy reference does (docs/policy-reference.md).
 """
 
 from __future__ import annotations
@@ -34,7 +37,8 @@ DEFAULT_MODEL = "bundled:smollm2-135m-instruct"
 _NAME_RE = re.compile(r"^[A-Za-z][A-Za-z0-9_.-]*$")
 
 
-def _check_name(value: str) -> str:
+def check_name(value: str) -> str:
+    """``value`` if it is a valid policy / attribute / domain name, else ValueError saying why."""
     if not _NAME_RE.match(value):
         raise ValueError(
             f"{value!r} is not a valid name: start with a letter; use letters, digits, '_', '-', '.'"
@@ -59,7 +63,7 @@ class _SourceBase(StrictModel):
         None, gt=0, description="Use at most this many examples of the source (None: all)."
     )
 
-    _check_domain = field_validator("domain")(classmethod(lambda cls, v: _check_name(v)))
+    _check_domain = field_validator("domain")(classmethod(lambda cls, v: check_name(v)))
 
 
 class FileSource(_SourceBase):
@@ -217,7 +221,7 @@ class Attribute(StrictModel):
     )
     head: HeadSpec = Field(default_factory=HeadSpec, description="The regularizer head.")
 
-    _check_attr_name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
+    _check_attr_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
 
 # ------------------------------------------------------------------------------------- training
@@ -477,7 +481,7 @@ class Policy(StrictModel):
         """The folder relative paths in the policy resolve against."""
         return self._source_path.parent if self._source_path else Path.cwd()
 
-    _check_policy_name = field_validator("name")(classmethod(lambda cls, v: _check_name(v)))
+    _check_policy_name = field_validator("name")(classmethod(lambda cls, v: check_name(v)))
 
     @field_validator("model")
     @classmethod

@@ -126,10 +126,10 @@ def _render(values: dict[str, Any], path: str, models: dict, indent: int) -> lis
 def write_template(name: str, attribute_kind: str, path: Path, force: bool = False) -> Path:
     """Write :func:`policy_template` to ``path`` (atomically); refuse to overwrite unless ``force``."""
     from attrctl.oracles import oracle_kinds
-    from attrctl.policy.schema import _check_name
+    from attrctl.policy.schema import check_name
 
     try:
-        _check_name(name)
+        check_name(name)
     except ValueError as err:
         raise AttrctlError(f"policy name: {err}") from None
     if attribute_kind not in oracle_kinds():
