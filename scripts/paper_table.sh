@@ -4,7 +4,7 @@
 # eval results, table and plot in docs/report/. Every run can be interrupted and the script
 # rerun: finished runs and evals are kept (`attrctl train` continues a run of the same policy).
 #
-# EVAL_ARGS sizes the evaluation (the README states the sizes its table used); the defaults of
+# EVAL_ARGS sizes the evaluation (docs/evaluation.md states the sizes its table used); the defaults of
 # `attrctl eval` (k = 25, 100 BIG-bench examples per task) take ~4x longer per row on a laptop.
 set -euo pipefail
 cd "$(dirname "$0")/.."

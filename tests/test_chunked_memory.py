@@ -20,7 +20,7 @@ from attrctl.losses import RegHead, chunked, regularized_lm_loss
 
 
 def documented_rows(n: int, v: int, h: int, budget: int) -> int:
-    """C as pick_chunk_size's docstring and the README state it: the most rows, a multiple of 8
+    """C as pick_chunk_size's docstring and docs/loss.md state it: the most rows, a multiple of 8
     and at least 8, whose three fp32 [C, V] buffers fit max(budget, V·H) bytes; at most n."""
     b = max(budget, v * h)
     return min(n, max(8, 8 * (b // (3 * 4 * v * 8))))
@@ -29,7 +29,7 @@ def documented_rows(n: int, v: int, h: int, budget: int) -> int:
 @pytest.mark.parametrize(
     ("n", "v", "h"),
     [
-        (100_000, 49_152, 576),  # SmolLM2: C = 336, the figure the README quotes
+        (100_000, 49_152, 576),  # SmolLM2: C = 336, the figure docs/loss.md quotes
         (336, 49_152, 576),  # N = C: one chunk, the whole batch
         (200, 49_152, 576),  # N < C: one chunk of N rows
         (100_000, 128_256, 4_096),  # Llama-3: V·H (512 MiB) is the budget

@@ -480,8 +480,8 @@ _UNSAFE = [
 
 def test_no_pickle_or_torch_load_without_weights_only():
     """docs/design.md, "Rules": weights load from safetensors or with weights_only=True; no bare
-    pickle. (The jigsaw judge's tokenizer pickle goes through an allow-listing Unpickler, named in the
-    README with the third-party pickle loads attrctl accepts.)"""
+    pickle. (The jigsaw judge's tokenizer pickle goes through an allow-listing Unpickler, named in
+    docs/reliability.md with the third-party pickle loads attrctl accepts.)"""
     me = Path(__file__).resolve()
     offenders = []
     for folder in ("attrctl", "cli", "kernels", "benchmarks", "scripts", "tests"):

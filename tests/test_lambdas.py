@@ -1,7 +1,7 @@
 """``regularization.per_domain: auto``: λ_d from each domain's violation rate, on a real compiled
 policy and mixture whose texts have known violations under deterministic ``lexicon`` oracles.
 
-The rule (README, schema, ``attrctl/train/lambdas.py``): ``v_d`` is the share of domain d's
+The rule (docs/training.md, schema, ``attrctl/train/lambdas.py``): ``v_d`` is the share of domain d's
 training examples that at least one attribute flags (score ≥ its ``max_violation``), pooled over
 the domain's sources, and ``λ_d = lam + (auto_max − lam) · v_d / max_d v_d``; every λ_d is
 ``lam`` when no domain violates.

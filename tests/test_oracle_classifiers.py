@@ -3,10 +3,10 @@
 Run against the real installed packages. The port test compares against outputs of the ORIGINAL
 Keras model recorded by tests/fixtures/make_jigsaw_reference.py (see the fixture's "note").
 
-Known limitation, measured here and stated in the README: both toxicity classifiers catch
+Known limitation, measured here and stated in docs/models-data.md: both toxicity classifiers catch
 explicit toxicity (slurs, insults, profanity) and miss implicit hate — a stereotype or a
 "go back to your country" phrased without offensive words scores low. The characterisation test
-at the end pins that contrast so the README's claim stays true.
+at the end pins that contrast so the documented claim stays true.
 """
 
 from __future__ import annotations
@@ -275,7 +275,7 @@ def test_both_classifiers_miss_implicit_hate(jigsaw, profanity):
     """Characterisation, not a goal: explicit abuse scores > 0.9, implicit hate < 0.5.
 
     If this fails because a classifier now catches implicit hate, that is an improvement:
-    update the README's limitation note and this test.
+    update docs/models-data.md's limitation note and this test.
     """
     for oracle in (jigsaw, profanity):
         assert (oracle.score(EXPLICIT) > 0.9).all()

@@ -148,8 +148,9 @@ def test_parallel_role_process_runs_from_repo_root(tmp_path):
 
 
 def test_readme_torchrun_module_launch_from_repo_root():
-    """The README's ``torchrun --nproc-per-node N -m attrctl.cli …``, one rank, a model load."""
-    assert "torchrun --nproc-per-node 2 -m attrctl.cli" in (ROOT / "README.md").read_text()
+    """docs/training.md's ``torchrun --nproc-per-node N -m attrctl.cli …``, one rank, a model
+    load."""
+    assert "torchrun --nproc-per-node 2 -m attrctl.cli" in (ROOT / "docs/training.md").read_text()
     proc = run_in_root(
         "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
         "-m", "attrctl.cli", "models", "info", "tiny-random",

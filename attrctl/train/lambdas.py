@@ -1,6 +1,6 @@
 """``regularization.per_domain: auto`` — λ_d from how often each domain's training text violates.
 
-The rule (documented in the schema and the README): score up to :data:`SAMPLE` examples of every
+The rule (documented in the schema and docs/training.md): score up to :data:`SAMPLE` examples of every
 domain with every attribute's oracle; ``v_d`` is the share flagged by at least one attribute
 (score ≥ its ``max_violation``). Then
 
