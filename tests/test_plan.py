@@ -4,6 +4,8 @@ inputs published by an earlier stage, and a job started without its inputs refus
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import pytest
 
@@ -16,13 +18,17 @@ from attrctl.train.plan import (
     job_from_json,
     missing_inputs,
     plan,
+    plan_for,
+    plan_mode,
 )
 
 MODES = ("sequential", "parallel", "baseline")
 
 
 def test_sequential_plan_reads_the_samples_and_heads_of_its_own_iteration():
-    assert describe(plan("sequential", 2)) == "\n".join([
+    text = describe(plan("sequential", 3))
+    print(text)
+    assert text == "\n".join([
         " 1. sample S_0 from θ_0",
         " 2. fit R_1 on S_0",
         " 3. fine-tune θ_1 from θ_0 with R_1",
@@ -30,18 +36,54 @@ def test_sequential_plan_reads_the_samples_and_heads_of_its_own_iteration():
         " 5. fit R_2 on S_1",
         " 6. fine-tune θ_2 from θ_1 with R_2",
         " 7. sample S_2 from θ_2",
+        " 8. fit R_3 on S_2",
+        " 9. fine-tune θ_3 from θ_2 with R_3",
+        "10. sample S_3 from θ_3",
     ])  # fmt: skip
 
 
 def test_parallel_plan_runs_three_jobs_per_stage_on_the_previous_iteration():
     stages = plan("parallel", 3)
+    print(describe(stages))
     assert stages == [
         [SampleJob(0), FitJob(1, samples=None), FinetuneJob(1, heads=None)],
         [SampleJob(1), FitJob(2, samples=0), FinetuneJob(2, heads=1)],
         [SampleJob(2), FitJob(3, samples=1), FinetuneJob(3, heads=2)],
         [SampleJob(3)],
     ]
-    print(describe(stages))
+
+
+def test_the_plan_docs_design_prints_is_the_plan():
+    """docs/design.md shows `python -m attrctl.train.plan parallel 3`: the text must be the
+    plan's, so the index rules stated there are the ones the code runs."""
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "design.md").read_text()
+    block = re.search(r"`python -m attrctl.train.plan parallel 3` prints a plan:\n\n```\n(.*?)```",
+                      doc, re.S)  # fmt: skip
+    assert block, "docs/design.md should show the parallel plan for I = 3"
+    assert block.group(1).rstrip("\n") == describe(plan("parallel", 3))
+
+
+@pytest.mark.parametrize(
+    ("objective", "mode", "world", "expected"),
+    [
+        ("regularized", "sequential", 1, "sequential"),
+        ("regularized", "parallel", 1, "parallel"),
+        ("regularized", "parallel", 2, "sequential"),  # under torchrun: one job at a time
+        ("sft", "parallel", 1, "baseline"),
+        ("rl", "sequential", 1, "baseline"),
+    ],
+)
+def test_a_policy_gets_its_plan_from_one_function(tmp_path, objective, mode, world, expected):
+    from test_train import write_policy
+
+    from attrctl.policy import load_policy
+
+    iterations = 3
+    path = write_policy(tmp_path, finetune__objective=objective,
+                        schedule={"mode": mode, "iterations": iterations})  # fmt: skip
+    policy = load_policy(path)
+    assert plan_mode(policy, world) == expected
+    assert plan_for(policy, world) == plan(expected, iterations)
 
 
 def test_baseline_plan_has_no_fit_and_no_heads():

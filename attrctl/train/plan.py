@@ -17,7 +17,7 @@ The index rules, all in :func:`plan` (docs/design.md, "Iterations and schedules"
 - every plan ends by sampling S_I from θ_I, so a run reports the violation rate of the base
   model's samples and of the final model's on the same prompts with the same seeds.
 
-``python -m attrctl.train.plan sequential 2`` prints a plan.
+``python -m attrctl.train.plan parallel 3`` prints a plan; :func:`plan_for` gives a policy's.
 """
 
 from __future__ import annotations
@@ -25,7 +25,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
-from typing import ClassVar, Literal
+from typing import TYPE_CHECKING, ClassVar, Literal
+
+if TYPE_CHECKING:
+    from attrctl.policy.schema import Policy
 
 Mode = Literal["sequential", "parallel", "baseline"]
 
@@ -133,6 +136,21 @@ def plan(mode: Mode, iterations: int) -> list[list[Job]]:
         raise ValueError(f"unknown schedule mode {mode!r}")
     stages.append([SampleJob(iterations)])
     return stages
+
+
+def plan_mode(policy: Policy, world: int = 1) -> Mode:
+    """Which plan a policy's run follows: a baseline objective has no heads to fit; the parallel
+    schedule runs its roles as processes of one machine, so under torchrun it runs sequentially."""
+    if policy.finetune.objective != "regularized":
+        return "baseline"
+    if policy.schedule.mode == "parallel" and world == 1:
+        return "parallel"
+    return "sequential"
+
+
+def plan_for(policy: Policy, world: int = 1) -> list[list[Job]]:
+    """The job plan of a policy's run on ``world`` ranks: what :func:`attrctl.train.train` runs."""
+    return plan(plan_mode(policy, world), policy.schedule.iterations)
 
 
 def missing_inputs(job: Job, published: set[str] | dict) -> list[str]:

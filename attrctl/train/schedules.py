@@ -34,7 +34,7 @@ from attrctl.train.context import StopRequest, TrainContext
 from attrctl.train.finetune import finetune_job
 from attrctl.train.fit import fit_job
 from attrctl.train.lambdas import auto_lambdas
-from attrctl.train.plan import FinetuneJob, FitJob, Job, Mode, SampleJob, missing_inputs, plan
+from attrctl.train.plan import FinetuneJob, FitJob, Job, SampleJob, missing_inputs, plan, plan_mode
 from attrctl.train.rundir import RunDir, write_json
 from attrctl.train.sample import sample_job
 
@@ -223,16 +223,6 @@ def _record_filter(ctx: TrainContext) -> None:
 
 
 # ------------------------------------------------------------------------------------ jobs
-def plan_mode(policy: Policy, world: int) -> Mode:
-    """Which plan a run follows: a baseline objective has no heads to fit; the parallel schedule
-    runs its roles as processes of one machine, so under torchrun it runs sequentially."""
-    if policy.finetune.objective != "regularized":
-        return "baseline"
-    if policy.schedule.mode == "parallel" and world == 1:
-        return "parallel"
-    return "sequential"
-
-
 def _run_stage(ctx: TrainContext, stage: list[Job]) -> None:
     """The jobs of one stage at the same time, one process each (the parallel schedule)."""
     todo = [job for job in stage if ctx.run.done(job.name) is None]
