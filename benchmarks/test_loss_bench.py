@@ -10,11 +10,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attrctl.bench import (
+from attrctl.bench.harness import environment
+from attrctl.bench.loss import (
     MODEL_SHAPES,
     RowSpec,
     check_correctness,
-    environment,
     make_call,
     make_step_inputs,
     run_step,

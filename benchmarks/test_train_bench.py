@@ -16,7 +16,7 @@ import os
 
 import pytest
 
-from attrctl.bench_train import BAR, format_train_table, run_train_benchmark
+from attrctl.bench.train import BAR, format_train_table, run_train_benchmark
 
 
 @pytest.mark.slow

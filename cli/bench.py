@@ -1,5 +1,6 @@
-"""``attrctl bench``: benchmarks of the fused losses and of a training step (the harnesses live
-in ``attrctl.bench`` and ``attrctl.bench_train``)."""
+"""``attrctl bench``: benchmarks of the fused losses and of a training step (the rows live in
+``attrctl.bench.loss`` and ``attrctl.bench.train``, their shared harness in
+``attrctl.bench.harness``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from dataclasses import asdict
 
 import typer
 
-from attrctl.bench import format_table, plot_rows, run_loss_benchmark
+from attrctl.bench.loss import format_table, plot_rows, run_loss_benchmark
 
 app = typer.Typer(help="Benchmark the regularized losses and training step.", no_args_is_help=True)
 
@@ -74,7 +75,7 @@ def train(
 
     Acceptance run: attrctl bench train --policy toxicity
     """
-    from attrctl.bench_train import format_train_table, run_train_benchmark
+    from attrctl.bench.train import format_train_table, run_train_benchmark
 
     result = run_train_benchmark(
         policy, model=model, overrides=overrides, steps=steps, warmup=warmup, rows=_csv(rows),

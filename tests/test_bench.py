@@ -8,8 +8,8 @@ import pytest
 import torch
 from attrctl.cli import main
 
-from attrctl import bench
-from attrctl.bench import RowSpec, check_correctness, make_inputs, run_loss_benchmark
+import attrctl.bench.loss as bench
+from attrctl.bench.loss import RowSpec, check_correctness, make_inputs, run_loss_benchmark
 from attrctl.errors import AttrctlError
 
 REQUIRED = {"impl", "mode", "H", "V", "N", "dtype", "median_ms", "peak_mb"}
@@ -103,7 +103,7 @@ def test_correctness_gate_fails_a_missing_kl_term_at_the_smollm2_shape(monkeypat
 
 def test_a_failing_row_is_reported_not_fatal():
     """A worker that dies (here: an unknown dtype) gives a row with `error`, not an exception."""
-    from attrctl.bench import run_row
+    from attrctl.bench.loss import run_row
 
     row = run_row(RowSpec("chunked", "fwd_bwd", "t", 16, 300, 8, dtype="fp7"), isolate=True)
     assert row.error and row.error.startswith("failed:")

@@ -8,8 +8,8 @@ import statistics
 import pytest
 import torch
 
-import attrctl.bench_train as bt
-from attrctl.bench_train import REQUIRED_KEYS, ROWS, TrainBenchSpec, TrainRow, measure, run_rows
+import attrctl.bench.train as bt
+from attrctl.bench.train import REQUIRED_KEYS, ROWS, TrainBenchSpec, TrainRow, measure, run_rows
 from attrctl.errors import AttrctlError
 
 

@@ -248,7 +248,7 @@ def evaluate(
         bar.close()
 
     from attrctl import __version__
-    from attrctl.bench import environment
+    from attrctl.bench.harness import environment
 
     record = settings.record()
     record.update(prompt_sets=[s.name for s in sets], judge=control.JUDGE_KIND)

@@ -1,4 +1,4 @@
-"""Training-step benchmark shared by ``attrctl bench train`` and ``benchmarks/``.
+"""Training-step benchmark rows, shared by ``attrctl bench train`` and ``benchmarks/``.
 
 *Training overhead* (docs/design.md, "Performance measurements"): in one run, on the same
 model, batch, sequence length and trainable parameters, the time and peak memory of
@@ -29,35 +29,39 @@ steps; the median and spread (min, max) of their wall time. The timed steps run 
 allocator, as a user's run does (glibc keeps freed blocks below 32 MiB for reuse; larger ones
 are mapped afresh, page faults included, every step).
 
-Peak memory (``peak_mb``, step rows and head fit): each row runs in its **own process**, forked
-from a row server that never runs a row, so rows cannot contaminate each other. After the timed
-steps the allocator is switched to return freed memory to the OS (glibc ``mallopt``: blocks
-≥ 1 MiB mmapped, no trim threshold; ``malloc_trim``), so that the resident set follows what is
-live; the kernel's high-water mark is reset (``/proc/self/clear_refs`` ← 5) with gradients freed
-(``zero_grad(set_to_none=True)``), and :data:`MEM_STEPS` more steps run. ``peak = VmHWM −
-VmRSS at the reset``: the most a step holds **above the model + optimizer baseline**
-(``base_mb``: libraries, weights, AdamW moments, the heads — total RSS, reported beside it).
-The same definition for every row. On CUDA the figures are the allocator's
+Peak memory (``peak_mb``, step rows and head fit): each row runs in its **own process**
+(:func:`attrctl.bench.harness.run_isolated`: forked from a row server that never runs a row), so
+rows cannot contaminate each other. After the timed steps, with gradients freed
+(``zero_grad(set_to_none=True)``), :data:`MEM_STEPS` more steps run under
+:func:`attrctl.bench.harness.peak_memory`, which first switches the allocator to return freed
+memory to the OS (so that the resident set follows what is live) and resets the kernel's
+high-water mark: ``peak = VmHWM − VmRSS at the reset``, the most a step holds **above the model
++ optimizer baseline** (``base_mb``: libraries, weights, AdamW moments, the heads — total RSS,
+reported beside it). The same definition for every row. On CUDA the figures are the allocator's
 ``max_memory_allocated`` above ``memory_allocated`` at the same point.
 """
 
 from __future__ import annotations
 
-import gc
-import json
-import os
+import importlib
 import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
 
-from attrctl.bench import _proc_kb, _reset_hwm, environment
+from attrctl.bench.harness import (
+    cell,
+    environment,
+    markdown_row,
+    markdown_rule,
+    peak_memory,
+    ratio,
+    run_isolated,
+    spread,
+    timed_calls,
+)
 from attrctl.errors import AttrctlError
 from attrctl.train.finetune import micro_step
 from attrctl.train.fit import consistency_pairs
@@ -395,46 +399,20 @@ def _head_fit_fn(spec: TrainBenchSpec, st: _Setup) -> tuple[Callable[[], torch.T
 MEM_STEPS = 2
 
 
-def _malloc_returns_memory() -> bool:
-    """glibc only: from now on, blocks ≥ 1 MiB are mmapped and freed memory goes back to the OS
-    (``mallopt`` M_MMAP_THRESHOLD, M_TRIM_THRESHOLD; ``malloc_trim`` releases what is cached), so
-    the resident set follows what is live — as ``attrctl bench loss`` gets from its environment
-    variables. Returns False where there is no glibc."""
-    import ctypes
-
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(-3, 2**20) == 1 and libc.mallopt(-1, 0) == 1
-        libc.malloc_trim(0)
-        return ok
-    except (OSError, AttributeError):
-        return False
-
-
 def _memory_phase(fn: Callable[[], Any], cuda: bool) -> tuple[float, float, str]:
-    """(baseline MiB, peak MiB above it, method) of :data:`MEM_STEPS` more steps of ``fn``."""
-    gc.collect()
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated() / 2**20
+    """(baseline MiB, peak MiB above it, method) of :data:`MEM_STEPS` more steps of ``fn``, the
+    allocator first switched to return freed memory (the timed steps ran with the default one)."""
+    with peak_memory(cuda, return_freed=True) as mem:
         for _ in range(MEM_STEPS):
             fn()
-        torch.cuda.synchronize()
-        peak = torch.cuda.max_memory_allocated() / 2**20
-        return base, max(peak - base, 0.0), "cuda max_memory_allocated above memory_allocated"
-    exact = _malloc_returns_memory()
-    hwm = _reset_hwm()
-    base = _proc_kb("VmRSS") / 1024
-    for _ in range(MEM_STEPS):
-        fn()
-    peak = _proc_kb("VmHWM") / 1024
+    if cuda:
+        return mem.base_mb, mem.peak_mb, "cuda max_memory_allocated above memory_allocated"
     method = "VmHWM above VmRSS before the memory steps (model + optimizer baseline), own process"
-    if not exact:
+    if not mem.returns_freed:
         method += "; no glibc: freed memory may stay resident (peak may read low)"
-    if not hwm:
+    if not mem.hwm_reset:
         method += "; HWM reset unavailable: includes earlier steps"
-    return base, max(peak - base, 0.0), method
+    return mem.base_mb, mem.peak_mb, method
 
 
 def measure(spec: TrainBenchSpec) -> TrainRow:
@@ -449,7 +427,6 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
     row = TrainRow(spec.row)
     st = _load(spec)
     cuda = st.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     warmup, repeats = spec.warmup, spec.steps
     if spec.row in STEP_ROWS:
         fn, row.check = _step_fn(spec, st)
@@ -461,20 +438,14 @@ def measure(spec: TrainBenchSpec) -> TrainRow:
         fn, row.tokens = _head_fit_fn(spec, st)
     for _ in range(warmup):
         fn()
-    times, counts, last = [], [], None
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        last = fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-        counts.append(last if isinstance(last, int) else row.tokens)
+    times, results = timed_calls(fn, repeats, cuda=cuda)
+    last = results[-1]
     row.times_s = times
-    row.median_s = statistics.median(times)
-    row.min_s, row.max_s, row.repeats = min(times), max(times), len(times)
-    if spec.row == "sampler":
-        row.tokens = int(statistics.median(counts))
-        row.tokens_per_s = sum(counts) / sum(times)
+    row.median_s, row.min_s, row.max_s = spread(times)
+    row.repeats = len(times)
+    if spec.row == "sampler":  # each call returned the tokens its batch generated
+        row.tokens = int(statistics.median(results))
+        row.tokens_per_s = sum(results) / sum(times)
     else:
         row.tokens_per_s = row.tokens / row.median_s
         row.loss = float(last)
@@ -505,27 +476,16 @@ def run_rows(specs: Sequence[TrainBenchSpec], isolate: bool = True) -> list[Trai
     """Measure rows, each in a fresh process unless ``isolate`` is False.
 
     A fresh interpreter per row would pay torch's and transformers' imports every time (seconds
-    each); instead one *row server* process imports them once and forks a child per row, one at
-    a time. The server never runs a row, so no row sees memory or state another row left behind.
+    each); instead the row server of :func:`attrctl.bench.harness.run_isolated` imports them once
+    (:func:`warm_server`) and forks a child per row.
     """
     if not isolate:
         return [measure(s) for s in specs]
-    code = "import sys; from attrctl.bench_train import _serve; _serve(sys.argv[1])"
-    # cwd outside the repo: a repo-root cwd would put a top-level `kernels` on sys.path
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps([asdict(s) for s in specs])],
-        capture_output=True,
-        text=True,
-        cwd=Path.home() if Path.home().is_dir() else "/",
-        check=False,
-    )
-    # one JSON line per spec, in order (the server waits for each row before the next)
-    rows = [TrainRow(**json.loads(ln)) for ln in proc.stdout.splitlines() if ln.startswith("{")]
-    if len(rows) < len(specs):
-        lines = (proc.stderr or proc.stdout).strip().splitlines()
-        why = " | ".join(lines[-3:]) or f"exit code {proc.returncode}"
-        rows += [TrainRow(s.row, error=f"failed: {why}") for s in specs[len(rows) :]]
-    return rows
+    outcomes = run_isolated(measure_payload, [asdict(s) for s in specs], warm=warm_server)
+    return [
+        TrainRow(**out.value) if out.error is None else TrainRow(s.row, error=out.error)
+        for s, out in zip(specs, outcomes, strict=True)
+    ]
 
 
 def _warm_policy(spec: TrainBenchSpec) -> None:
@@ -549,52 +509,21 @@ def _overrides(spec: TrainBenchSpec) -> list[str]:
     return list(spec.overrides) + ([f"model={spec.model}"] if spec.model else [])
 
 
-def _serve(specs_json: str) -> None:
-    """The row server: warm imports, then one forked child per row; a JSON line per row."""
-    import importlib
+def _spec(payload: dict[str, Any]) -> TrainBenchSpec:
+    return TrainBenchSpec(**{**payload, "overrides": tuple(payload.get("overrides", ()))})
 
+
+def warm_server(payloads: list[dict[str, Any]]) -> None:
+    """The row server's warm-up (:func:`run_rows`): the imports, and the first row's policy."""
     for name in _WARM_IMPORTS:
         importlib.import_module(name)
-    specs = [
-        TrainBenchSpec(**{**d, "overrides": tuple(d.get("overrides", ()))})
-        for d in json.loads(specs_json)
-    ]
-    threads = torch.get_num_threads()
-    if specs:
-        _warm_policy(specs[0])
-    for spec in specs:
-        r, w = os.pipe()
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
-        if pid == 0:  # the row's own process
-            os.close(r)
-            torch.set_num_threads(threads)
-            status = 0
-            try:
-                try:
-                    row = measure(spec)
-                except AttrctlError as err:
-                    row = TrainRow(spec.row, error=f"failed: {err}")
-                with os.fdopen(w, "w") as fh:
-                    fh.write(json.dumps(asdict(row)))
-            except BaseException:
-                import traceback
+    if payloads:
+        _warm_policy(_spec(payloads[0]))
 
-                traceback.print_exc()
-                status = 1
-            finally:
-                sys.stderr.flush()
-                os._exit(status)
-        os.close(w)
-        with os.fdopen(r) as fh:
-            text = fh.read()
-        _, status = os.waitpid(pid, 0)
-        if not text:
-            sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else None
-            why = f"killed by signal {sig} (out of memory?)" if sig else "crashed (see stderr)"
-            text = json.dumps(asdict(TrainRow(spec.row, error=f"failed: row process {why}")))
-        print(text, flush=True)
+
+def measure_payload(payload: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure` of a JSON spec, as JSON (the worker of a row's process)."""
+    return asdict(measure(_spec(payload)))
 
 
 # --------------------------------------------------------------------------- the benchmark
@@ -610,13 +539,9 @@ def _pool(runs: list[TrainRow]) -> TrainRow:
     row = max(ok, key=lambda r: r.peak_mb or 0.0)  # its peak, baseline and method
     times = [t for r in ok for t in r.times_s]
     row.times_s, row.rounds, row.repeats = times, len(ok), len(times)
-    row.median_s, row.min_s, row.max_s = statistics.median(times), min(times), max(times)
+    row.median_s, row.min_s, row.max_s = spread(times)
     row.tokens_per_s = row.tokens / row.median_s if row.tokens else row.tokens_per_s
     return row
-
-
-def _ratio(a: float | None, b: float | None) -> float | None:
-    return None if a is None or not b else a / b
 
 
 def run_train_benchmark(
@@ -674,10 +599,10 @@ def run_train_benchmark(
         "sft_peak_mb": sft.peak_mb,
         "sft_fused_peak_mb": fused.peak_mb,
         "reg_peak_mb": reg.peak_mb,
-        "reg_over_sft_time": _ratio(reg.median_s, sft.median_s),
-        "reg_over_sft_mem": _ratio(reg.peak_mb, sft.peak_mb),
-        "fused_over_sft_time": _ratio(fused.median_s, sft.median_s),
-        "fused_over_sft_mem": _ratio(fused.peak_mb, sft.peak_mb),
+        "reg_over_sft_time": ratio(reg.median_s, sft.median_s),
+        "reg_over_sft_mem": ratio(reg.peak_mb, sft.peak_mb),
+        "fused_over_sft_time": ratio(fused.median_s, sft.median_s),
+        "fused_over_sft_mem": ratio(fused.peak_mb, sft.peak_mb),
         "sampler_tokens_per_s": measured.get("sampler", TrainRow("")).tokens_per_s,
         "head_fit_tokens_per_s": measured.get("head_fit", TrainRow("")).tokens_per_s,
     }
@@ -702,40 +627,39 @@ def _verdict(out: dict[str, Any]) -> dict[str, Any]:
 
 def format_train_table(result: dict[str, Any]) -> str:
     """The result as Markdown: the three steps side by side, ratios, throughputs, setup, env."""
-
-    def f(x, fmt):
-        return "—" if x is None else format(x, fmt)
-
     rows = {r["row"]: r for r in result["rows"]}
 
-    def cell(name, key, fmt):
+    def step_cell(name: str, key: str, spec: str) -> str:
         r = rows.get(name)
         if r is None:
             return "—"
         if r.get("error"):
             return r["error"]
         if key == "time":
-            return f"{f(r['median_s'], '.3f')} ({f(r['min_s'], '.3f')}–{f(r['max_s'], '.3f')})"
+            lo, hi = cell(r["min_s"], ".3f"), cell(r["max_s"], ".3f")
+            return f"{cell(r['median_s'], '.3f')} ({lo}–{hi})"
         if key == "n":
             return f"{r['repeats']} in {r.get('rounds', 1)}"
-        return f(r.get(key), fmt)
+        return cell(r.get(key), spec)
 
+    def line(label: str, key: str, spec: str = "", last: tuple[str, str] = ("", "")) -> str:
+        """One table line: the three step rows' ``key``, then ``last`` (the two ratio cells)."""
+        return markdown_row([label, *(step_cell(n, key, spec) for n in STEP_ROWS), *last])
+
+    def ratio_cells(what: str) -> tuple[str, str]:
+        fused, reg = result[f"fused_over_sft_{what}"], result[f"reg_over_sft_{what}"]
+        return cell(fused, ".3f"), f"**{cell(reg, '.3f')}**"
+
+    header = ["", "plain SFT (transformers `labels=`)", "fused CE, λ = 0", "regularized",
+              "fused / SFT", "regularized / SFT"]  # fmt: skip
     lines = [
-        "| | plain SFT (transformers `labels=`) | fused CE, λ = 0 | regularized | fused / SFT "
-        "| regularized / SFT |",
-        "|---|---|---|---|---|---|",
-        f"| step s, median (min–max) | {cell('sft', 'time', '')} | {cell('sft_fused', 'time', '')}"
-        f" | {cell('reg', 'time', '')} | {f(result['fused_over_sft_time'], '.3f')} "
-        f"| **{f(result['reg_over_sft_time'], '.3f')}** |",
-        f"| peak MiB above baseline | {cell('sft', 'peak_mb', '.0f')} "
-        f"| {cell('sft_fused', 'peak_mb', '.0f')} | {cell('reg', 'peak_mb', '.0f')} "
-        f"| {f(result['fused_over_sft_mem'], '.3f')} | **{f(result['reg_over_sft_mem'], '.3f')}** |",
-        f"| timed steps in processes | {cell('sft', 'n', '')} | {cell('sft_fused', 'n', '')} "
-        f"| {cell('reg', 'n', '')} | | |",
-        f"| baseline RSS MiB (model + optimizer) | {cell('sft', 'base_mb', '.0f')} "
-        f"| {cell('sft_fused', 'base_mb', '.0f')} | {cell('reg', 'base_mb', '.0f')} | | |",
-        f"| tokens/s | {cell('sft', 'tokens_per_s', '.0f')} "
-        f"| {cell('sft_fused', 'tokens_per_s', '.0f')} | {cell('reg', 'tokens_per_s', '.0f')} | | |",
+        markdown_row(header),
+        markdown_rule(len(header)),
+        line("step s, median (min–max)", "time", last=ratio_cells("time")),
+        line("peak MiB above baseline", "peak_mb", ".0f", last=ratio_cells("mem")),
+        line("timed steps in processes", "n"),
+        line("baseline RSS MiB (model + optimizer)", "base_mb", ".0f"),
+        line("tokens/s", "tokens_per_s", ".0f"),
     ]
     s, bar = result.get("setup", {}), result.get("bar", {})
     verdict = (
@@ -747,12 +671,12 @@ def format_train_table(result: dict[str, Any]) -> str:
         "",
         f"bar (regularized ≤ {BAR['time']}× time, ≤ {BAR['mem']}× memory of plain SFT): "
         f"{verdict}; stretch ≤ {STRETCH['time']}× time, ≤ {STRETCH['mem']}× memory",
-        f"sampler: {f(result['sampler_tokens_per_s'], '.0f')} generated tokens/s "
+        f"sampler: {cell(result['sampler_tokens_per_s'], '.0f')} generated tokens/s "
         f"(batch {sampler.get('setup', {}).get('sample_batch', '—')}, "
         f"{sampler.get('setup', {}).get('max_new_tokens', '—')} new tokens)"
         + (f" {sampler['error']}" if sampler.get("error") else ""),
-        f"head fit: {f(result['head_fit_tokens_per_s'], '.0f')} tokens/s "
-        f"(step {f(fit.get('median_s'), '.3f')} s on {fit.get('tokens', '—')} continuation tokens)"
+        f"head fit: {cell(result['head_fit_tokens_per_s'], '.0f')} tokens/s "
+        f"(step {cell(fit.get('median_s'), '.3f')} s on {fit.get('tokens', '—')} continuation tokens)"
         + (f" {fit['error']}" if fit.get("error") else ""),
         f"setup: {s.get('model')} · batch {s.get('batch_size')} × {s.get('seq_len')} · "
         f"{s.get('method')} (top {s.get('top_layers')}) · {s.get('trainable_params')} trainable "

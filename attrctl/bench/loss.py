@@ -1,4 +1,4 @@
-"""Loss benchmark harness shared by ``attrctl bench loss`` and ``benchmarks/``.
+"""Loss benchmark rows, shared by ``attrctl bench loss`` and ``benchmarks/``.
 
 One *row* is one (impl, mode, shape, N, dtype) measurement: inputs shaped like a real model's
 LM head (hidden [N, H], lm_weight [V, H], one regularizer head reading the same hidden states,
@@ -18,35 +18,37 @@ and a small N must match ``eager`` to a relative tolerance (:data:`CHECK_RTOL`) 
 fail a wrong KL gradient (rows that fail are reported with ``error`` and not timed).
 
 Peak memory (``peak_mb``): the most memory the timed calls hold at once *above* what the process
-held when they started (inputs, weights, libraries). On CUDA: ``max_memory_allocated`` after
-``reset_peak_memory_stats`` minus ``memory_allocated`` before. On CPU torch allocations are
-invisible to ``tracemalloc`` and torch's CPU allocator keeps no peak statistic, so each row runs
-in a **fresh subprocess** and we read the kernel's resident-set high-water mark: ``VmHWM`` is
-reset (``/proc/self/clear_refs`` ← 5) after the warm-up, and peak = ``VmHWM`` − ``VmRSS`` at
-that moment. The child runs with ``MALLOC_MMAP_THRESHOLD_=1MiB`` so glibc returns freed blocks
-to the OS instead of keeping them on its heap, where a later call would reuse them without
-raising RSS (which would hide its peak). Rows cannot contaminate each other, and compile-time
+held when they started (inputs, weights, libraries), measured by
+:func:`attrctl.bench.harness.peak_memory` from the end of the warm-up: on CUDA the allocator's
+statistics; on CPU the kernel's resident-set high-water mark, each row in a **fresh process**
+(:func:`attrctl.bench.harness.run_isolated`, a new interpreter per row) started with
+:data:`~attrctl.bench.harness.MALLOC_RETURNS_MEMORY_ENV`, so that glibc returns freed blocks to the
+OS for the whole row, timed calls included. Rows cannot contaminate each other, and compile-time
 memory of ``torch.compile`` (spent in the warm-up) is not counted.
 """
 
 from __future__ import annotations
 
-import gc
-import importlib.metadata
 import importlib.util
-import json
-import os
-import platform
-import statistics
-import subprocess
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
+from attrctl.bench.harness import (
+    MALLOC_RETURNS_MEMORY_ENV,
+    cell,
+    environment,
+    markdown_row,
+    markdown_rule,
+    peak_memory,
+    ratio,
+    run_isolated,
+    spread,
+    timed_calls,
+)
 from attrctl.errors import AttrctlError
 
 #: Model LM-head shapes: name → (hidden H, vocabulary V).
@@ -104,51 +106,6 @@ class BenchRow:
     time_vs_compile: float | None = None
     error: str | None = None
     env: dict[str, str] = field(default_factory=dict)
-
-
-# --------------------------------------------------------------------------- environment
-
-
-def environment(device: str = "cpu") -> dict[str, str]:
-    """Device, library versions and git commit, recorded with every row."""
-
-    def version(pkg: str) -> str:
-        try:
-            return importlib.metadata.version(pkg)
-        except importlib.metadata.PackageNotFoundError:
-            return "not installed"
-
-    if device.startswith("cuda") and torch.cuda.is_available():
-        dev_name = torch.cuda.get_device_name(torch.device(device))
-    else:
-        dev_name = platform.processor() or platform.machine()
-        try:
-            for line in Path("/proc/cpuinfo").read_text().splitlines():
-                if line.startswith("model name"):
-                    dev_name = line.split(":", 1)[1].strip()
-                    break
-        except OSError:
-            pass
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-            check=False,
-        ).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        commit = ""
-    return {
-        "device_name": dev_name,
-        "threads": str(torch.get_num_threads()),
-        "torch": torch.__version__,
-        "triton": version("triton"),
-        "python": platform.python_version(),
-        "git_commit": commit or "unknown",
-        "time": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
 
 
 # --------------------------------------------------------------------------- inputs and calls
@@ -310,21 +267,6 @@ def check_correctness(spec: RowSpec) -> float:
 # --------------------------------------------------------------------------- measurement
 
 
-def _proc_kb(key: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    raise OSError(f"{key} not in /proc/self/status")
-
-
-def _reset_hwm() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-        return True
-    except OSError:
-        return False
-
-
 def _row_for(spec: RowSpec) -> BenchRow:
     """An untimed row carrying the spec's identifying fields."""
     return BenchRow(
@@ -338,73 +280,50 @@ def measure(spec: RowSpec) -> BenchRow:
     inp = make_step_inputs(spec)
     call = make_call(spec.impl)
     cuda = spec.device.startswith("cuda")
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    for _ in range(spec.warmup):
+
+    def step() -> None:
         run_step(call, inp, spec.mode)
-    sync()
-    inp["hidden"].grad = inp["lm_weight"].grad = None
-    gc.collect()
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        row.memory_method = "cuda max_memory_allocated - memory_allocated before"
-    else:
-        hwm_ok = _reset_hwm()
-        base = _proc_kb("VmRSS") * 1024
-        row.memory_method = (
-            "VmHWM - VmRSS after warm-up (HWM reset), fresh process"
-            if hwm_ok
-            else "ru_maxrss - VmRSS (HWM reset unavailable: includes warm-up)"
-        )
-    times = []
-    for _ in range(spec.repeats):
-        sync()
-        t0 = time.perf_counter()
-        run_step(call, inp, spec.mode)
-        sync()
-        times.append((time.perf_counter() - t0) * 1e3)
+
+    def free_grads() -> None:
         inp["hidden"].grad = inp["lm_weight"].grad = None
-    peak = torch.cuda.max_memory_allocated() if cuda else _proc_kb("VmHWM") * 1024
-    peak -= base
-    row.median_ms = statistics.median(times)
-    row.min_ms, row.max_ms = min(times), max(times)
-    row.repeats = len(times)
-    row.peak_mb = max(peak, 0) / 2**20
+
+    for _ in range(spec.warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
+    free_grads()
+    with peak_memory(cuda) as mem:
+        times, _ = timed_calls(step, spec.repeats, cuda=cuda, after=free_grads)
+    if cuda:
+        row.memory_method = "cuda max_memory_allocated - memory_allocated before"
+    elif mem.hwm_reset:
+        row.memory_method = "VmHWM - VmRSS after warm-up (HWM reset), fresh process"
+    else:
+        row.memory_method = "ru_maxrss - VmRSS (HWM reset unavailable: includes warm-up)"
+    times_ms = [t * 1e3 for t in times]
+    row.median_ms, row.min_ms, row.max_ms = spread(times_ms)
+    row.repeats = len(times_ms)
+    row.peak_mb = mem.peak_mb
     return row
 
 
 def run_row(spec: RowSpec, isolate: bool | None = None) -> BenchRow:
-    """Measure one row, in a fresh subprocess on CPU (so memory peaks cannot mix)."""
+    """Measure one row, in a fresh process on CPU (so memory peaks cannot mix). A row that fails
+    there (an out-of-memory kill at a large shape, say) comes back with ``error``."""
     isolate = not spec.device.startswith("cuda") if isolate is None else isolate
     if not isolate:
         return measure(spec)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": "0"}
-    code = "import sys; from attrctl.bench import _worker; _worker(sys.argv[1])"
-    # cwd outside the repo: a repo-root cwd would put a top-level `kernels` on sys.path
-    proc = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(asdict(spec))],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=Path.home() if Path.home().is_dir() else "/",
-        check=False,
-    )
-    if proc.returncode != 0:
-        # A row that fails (an out-of-memory kill at a large shape, say) is reported as a row
-        # with `error`, so one bad row does not throw away the others.
-        if proc.returncode < 0:
-            why = f"worker killed by signal {-proc.returncode} (out of memory?)"
-        else:
-            why = " | ".join((proc.stderr or proc.stdout).strip().splitlines()[-3:]) or "no output"
+    (out,) = run_isolated(measure_payload, [asdict(spec)], env=MALLOC_RETURNS_MEMORY_ENV)
+    if out.error is not None:
         row = _row_for(spec)
-        row.error = f"failed: {why}"
+        row.error = out.error
         return row
-    return BenchRow(**json.loads(proc.stdout.strip().splitlines()[-1]))
+    return BenchRow(**out.value)
 
 
-def _worker(spec_json: str) -> None:
-    row = measure(RowSpec(**json.loads(spec_json)))
-    print(json.dumps(asdict(row)))
+def measure_payload(spec: dict[str, Any]) -> dict[str, Any]:
+    """:func:`measure` of a JSON spec, as JSON (the worker of :func:`run_row`'s process)."""
+    return asdict(measure(RowSpec(**spec)))
 
 
 def _attach_ratios(rows: list[BenchRow]) -> None:
@@ -418,11 +337,10 @@ def _attach_ratios(rows: list[BenchRow]) -> None:
         eager = by.get((key(r), "eager"))
         comp = by.get((key(r), "compile"))
         if eager is not None:
-            r.time_vs_eager = r.median_ms / eager.median_ms
-            if eager.peak_mb:
-                r.mem_vs_eager = r.peak_mb / eager.peak_mb
+            r.time_vs_eager = ratio(r.median_ms, eager.median_ms)
+            r.mem_vs_eager = ratio(r.peak_mb, eager.peak_mb)
         if comp is not None:
-            r.time_vs_compile = r.median_ms / comp.median_ms
+            r.time_vs_compile = ratio(r.median_ms, comp.median_ms)
 
 
 def resolve_shapes(names: Sequence[str]) -> list[tuple[str, int, int]]:
@@ -527,22 +445,19 @@ def plot_rows(rows: Sequence[BenchRow], path: str | Path) -> Path:
 
 def format_table(rows: Sequence[BenchRow]) -> str:
     """A Markdown table of the rows (the README's benchmark table)."""
-
-    def f(x, fmt):
-        return "—" if x is None else format(x, fmt)
-
-    lines = [
-        "| impl | mode | shape (H×V) | N | dtype | median ms (min–max) | peak MiB | time/eager | mem/eager | time/compile |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-    ]
+    header = ["impl", "mode", "shape (H×V)", "N", "dtype", "median ms (min–max)", "peak MiB",
+              "time/eager", "mem/eager", "time/compile"]  # fmt: skip
+    lines = [markdown_row(header), markdown_rule(len(header))]
     for r in rows:
-        if r.error:
-            lines.append(f"| {r.impl} | {r.mode} | {r.shape} | {r.N} | {r.dtype} | {r.error} |||||")
+        if r.error:  # the error in the time column, the cells after it empty
+            lines.append(
+                markdown_row([r.impl, r.mode, r.shape, str(r.N), r.dtype, r.error]) + "||||"
+            )
             continue
-        lines.append(
-            f"| {r.impl} | {r.mode} | {r.shape} ({r.H}×{r.V}) | {r.N} | {r.dtype} | "
-            f"{f(r.median_ms, '.0f')} ({f(r.min_ms, '.0f')}–{f(r.max_ms, '.0f')}) | "
-            f"{f(r.peak_mb, '.0f')} | {f(r.time_vs_eager, '.2f')} | {f(r.mem_vs_eager, '.2f')} | "
-            f"{f(r.time_vs_compile, '.2f')} |"
-        )
+        lines.append(markdown_row([
+            r.impl, r.mode, f"{r.shape} ({r.H}×{r.V})", str(r.N), r.dtype,
+            f"{cell(r.median_ms, '.0f')} ({cell(r.min_ms, '.0f')}–{cell(r.max_ms, '.0f')})",
+            cell(r.peak_mb, ".0f"), cell(r.time_vs_eager, ".2f"), cell(r.mem_vs_eager, ".2f"),
+            cell(r.time_vs_compile, ".2f"),
+        ]))  # fmt: skip
     return "\n".join(lines)
