@@ -39,6 +39,9 @@ high-water mark: ``peak = VmHWM − VmRSS at the reset``, the most a step holds 
 + optimizer baseline** (``base_mb``: libraries, weights, AdamW moments, the heads — total RSS,
 reported beside it). The same definition for every row. On CUDA the figures are the allocator's
 ``max_memory_allocated`` above ``memory_allocated`` at the same point.
+
+Long: five rows built on one setup (model, batch, heads, λ) and measured one way; the
+process, memory, timing and table mechanics are in :mod:`attrctl.bench.harness`.
 """
 
 from __future__ import annotations
