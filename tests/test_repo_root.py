@@ -141,7 +141,9 @@ def test_parallel_role_process_runs_from_repo_root(tmp_path):
     """A parallel schedule starts each job as ``python -m attrctl.train.role`` in the current
     directory (attrctl/train/schedules.py run_roles); here the sample job, which loads the model."""
     run = _tiny_run_dir(tmp_path / "run")
-    proc = run_in_root("-m", "attrctl.train.role", str(run), "sample", "0", "")
+    from attrctl.train.plan import SampleJob
+
+    proc = run_in_root("-m", "attrctl.train.role", str(run), SampleJob(0).to_json(), "0")
     _ok(proc)
     result = json.loads((run / ".roles" / "sample_0.json").read_text())
     assert result["rows"] == 2, result

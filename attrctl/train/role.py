@@ -29,7 +29,12 @@ def main(argv: list[str]) -> int:
     from attrctl.train.rundir import RunDir
     from attrctl.train.schedules import run_job
 
-    root, job = Path(argv[0]), job_from_json(argv[1])
+    try:
+        root, job = Path(argv[0]), job_from_json(argv[1])
+    except (IndexError, ValueError, KeyError, TypeError) as err:
+        print(f"usage: python -m attrctl.train.role RUN_DIR JOB_JSON [ITERATION] ({err!r})",
+              file=sys.stderr)  # fmt: skip
+        return 2
     role, idx = job.role, job.i
     iteration = argv[2] if len(argv) > 2 else "?"
     folder = root / ".roles"
