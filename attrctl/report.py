@@ -329,6 +329,36 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
     return _table(head, body, note)
 
 
+LABEL_POINTS = 8  # font size of point labels
+#: Where a point's label may go, in points from the point, tried in order: right above, right
+#: below, further up and down, then the same on the left ("L": offset by the label's width).
+_LABEL_SLOTS = ((5, 4), (5, -11), (5, 15), (5, -22), ("L", 4), ("L", -11), (5, 26), (5, -33))
+
+
+def _place_labels(fig, ax, points: Sequence[tuple[str, float, float, str]]) -> None:
+    """Label each ``(label, x, y, colour)``, in its point's colour, at the first slot where its box overlaps no label placed
+    before it (boxes estimated from the label's length at :data:`LABEL_POINTS`)."""
+    fig.canvas.draw()  # the axis limits settle, so data → display is final up to layout
+    scale = fig.dpi / 72  # display pixels per point
+    placed: list[tuple[float, float, float, float]] = []
+    for label, x, y, color in points:
+        px, py = ax.transData.transform((x, y))
+        w, h = 0.6 * LABEL_POINTS * len(label), LABEL_POINTS + 2  # in points
+        for dx, dy in _LABEL_SLOTS:
+            dx = -5 - w if dx == "L" else dx
+            box = (px + dx * scale, py + dy * scale, px + (dx + w) * scale, py + (dy + h) * scale)
+            free = all(
+                box[2] <= b[0] or b[2] <= box[0] or box[3] <= b[1] or b[3] <= box[1] for b in placed
+            )
+            if free:
+                break
+        placed.append(box)
+        moved = (dx, dy) != _LABEL_SLOTS[0]  # a label away from its point gets a leader line
+        ax.annotate(label, (x, y), textcoords="offset points", xytext=(dx, dy),
+                    fontsize=LABEL_POINTS, color=color,
+                    arrowprops={"arrowstyle": "-", "lw": 0.6, "color": color} if moved else None)  # fmt: skip
+
+
 def plot_tradeoff(rows: Sequence[Row], path: Path, prompt_set: str) -> None:
     """Judge-scored violation (with its CI) against held-out perplexity, one labelled point per
     row, the lower-left front dashed. Rows without either number are listed, not drawn."""
@@ -343,21 +373,16 @@ def plot_tradeoff(rows: Sequence[Row], path: Path, prompt_set: str) -> None:
     pts = [r for r in rows if drawable(r)]
     skipped = [r.label for r in rows if not drawable(r)]
     fig, ax = plt.subplots(figsize=(7, 5))
-    xs = [r.heldout_ppl for r in pts] or [0.0]
-    ys = [100 * r.judge_violation.value for r in pts] or [0.0]
-    span_x, span_y = (max(xs) - min(xs)) or 1.0, (max(ys) - min(ys)) or 1.0
-    placed: list[tuple[float, float]] = []  # labels already drawn, in axis-fraction units
+    colors: list[str] = []
     for r in pts:
         v = r.judge_violation
         lo = v.value - v.lo if v.lo is not None else 0.0
         hi = v.hi - v.value if v.hi is not None else 0.0
-        ax.errorbar([r.heldout_ppl], [100 * v.value], yerr=[[100 * max(lo, 0)], [100 * max(hi, 0)]],
-                    fmt="o", capsize=3)  # fmt: skip
-        here = (r.heldout_ppl / span_x, 100 * v.value / span_y)
-        near = sum(abs(here[0] - a) < 0.08 and abs(here[1] - b) < 0.05 for a, b in placed)
-        placed.append(here)  # a label near another one goes below it, not on top of it
-        ax.annotate(r.label, (r.heldout_ppl, 100 * v.value), textcoords="offset points",
-                    xytext=(5, 5 - 11 * near), fontsize=8)  # fmt: skip
+        bars = ax.errorbar([r.heldout_ppl], [100 * v.value],
+                           yerr=[[100 * max(lo, 0)], [100 * max(hi, 0)]], fmt="o", capsize=3)  # fmt: skip
+        colors.append(bars.lines[0].get_color())
+    _place_labels(fig, ax, [(r.label, r.heldout_ppl, 100 * r.judge_violation.value, c)
+                            for r, c in zip(pts, colors, strict=True)])  # fmt: skip
     front, best = [], math.inf
     for r in sorted(pts, key=lambda r: (r.heldout_ppl, r.judge_violation.value)):
         if r.judge_violation.value < best:
