@@ -44,7 +44,8 @@ import torch.nn.functional as F
 from transformers import LogitsProcessor
 
 from attrctl.errors import AttrctlError
-from attrctl.heads import FINAL, RegularizerHead, decoder_of
+from attrctl.heads import FINAL, RegularizerHead
+from attrctl.models.arch import decoder_parts
 from attrctl.train.rundir import FinishedRun, is_run_dir, open_finished_run
 
 
@@ -90,20 +91,21 @@ class NadoLogitsProcessor(LogitsProcessor):
 
     # ---------------------------------------------------------------------------- hooks
     def _attach(self) -> None:
-        dec = decoder_of(self.model)
+        parts = decoder_parts(self.model)
+        dec = parts.backbone
         self._hooks.append(dec.register_forward_pre_hook(self._on_start, with_kwargs=True))
         for tap in sorted({h.tap for h in self.heads}):
             if tap == FINAL:
                 module = dec  # its output's last_hidden_state is the final normed state
             elif tap == 0:
-                module = dec.embed_tokens
+                module = parts.embed
             else:
-                if tap > len(dec.layers):
+                if tap > len(parts.layers):
                     raise AttrctlError(
-                        f"a head reads layer {tap} but the model has {len(dec.layers)} layers: the "
-                        "heads belong to another model"
+                        f"a head reads layer {tap} but the model has {len(parts.layers)} layers: "
+                        "the heads belong to another model"
                     )
-                module = dec.layers[tap - 1]
+                module = parts.layers[tap - 1]
             self._hooks.append(module.register_forward_hook(self._grabber(tap)))
 
     def _on_start(self, _module, args, kwargs) -> None:

@@ -29,6 +29,7 @@ state (for the LM head) and the tap from one forward pass.
 from __future__ import annotations
 
 import copy
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,15 +38,12 @@ from torch import nn
 
 from attrctl.errors import AttrctlError
 from attrctl.losses import RegHead
+from attrctl.models.arch import decoder_parts, num_layers
 
 if TYPE_CHECKING:  # only the types: heads sit below the policy layer, which builds them
     from attrctl.policy.schema import FineTune, HeadSpec
 
 FINAL = -1  # tap id of the LLM's final (normed) hidden state
-
-
-def num_layers(model: Any) -> int:
-    return int(model.config.num_hidden_layers)
 
 
 def default_tap(spec: HeadSpec, finetune: FineTune, n_layers: int) -> int:
@@ -61,22 +59,12 @@ def default_tap(spec: HeadSpec, finetune: FineTune, n_layers: int) -> int:
     return FINAL
 
 
-def decoder_of(model: Any) -> Any:
-    """The module holding the decoder layers (``model.get_decoder()``); AttrctlError if none."""
-    dec = model.get_decoder() if hasattr(model, "get_decoder") else None
-    if dec is None or not hasattr(dec, "layers"):
-        raise AttrctlError(
-            f"{type(model).__name__}: cannot find the decoder layers (model.get_decoder().layers); "
-            "regularizer heads need a decoder-only transformers model"
-        )
-    return dec
-
-
 def forward_with_tap(
     model: Any,
     taps: Sequence[int],
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
+    **backbone_kwargs: Any,
 ) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
     """One forward pass of the decoder; the final hidden state and the requested taps, detached.
 
@@ -85,15 +73,16 @@ def forward_with_tap(
         taps: tap ids (decoder-layer output index, 0 = embeddings, or :data:`FINAL`).
         input_ids: [B, T].
         attention_mask: [B, T] or None.
+        backbone_kwargs: passed on to the backbone (e.g. ``position_ids`` of packed rows).
 
     Returns:
         ``(hidden [B, T, H], {tap: [B, T, H] detached})``; ``hidden`` carries the graph.
     """
-    dec = decoder_of(model)
+    parts = decoder_parts(model)
     grabbed: dict[int, torch.Tensor] = {}
     hooks = []
     for tap in set(taps) - {FINAL}:
-        module = dec.embed_tokens if tap == 0 else dec.layers[tap - 1]
+        module = parts.embed if tap == 0 else parts.layers[tap - 1]
 
         def hook(_m, _inp, out, tap=tap):
             grabbed[tap] = (out[0] if isinstance(out, tuple) else out).detach()
@@ -101,8 +90,8 @@ def forward_with_tap(
         hooks.append(module.register_forward_hook(hook))
     try:
         # use_cache=False: no KV cache is built for a training or feature pass
-        hidden = dec(
-            input_ids=input_ids, attention_mask=attention_mask, use_cache=False
+        hidden = parts.backbone(
+            input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **backbone_kwargs
         ).last_hidden_state
     finally:
         for h in hooks:
@@ -130,22 +119,25 @@ class _TransformerBody(nn.Module):
 
     def __init__(self, model: Any, tap: int, spec: HeadSpec):
         super().__init__()
-        dec = decoder_of(model)
-        n = len(dec.layers)
+        parts = decoder_parts(model)
+        n = len(parts.layers)
         start = n if tap == FINAL else tap
-        if not hasattr(dec, "rotary_emb") or not hasattr(dec, "norm"):
+        rotary = getattr(parts.backbone, "rotary_emb", None)
+        takes = inspect.signature(type(parts.layers[0]).forward).parameters
+        if rotary is None or parts.norm is None or "position_embeddings" not in takes:
             raise AttrctlError(
-                f"head kind 'transformer' needs a Llama-style decoder (rotary_emb, norm); "
-                f"{type(dec).__name__} has none"
+                f"head kind 'transformer' copies decoder layers that take rotary position "
+                f"embeddings (Llama, Qwen2, Gemma, Mistral, Phi-3 …); {parts.arch} has other "
+                "layers: use head kind 'linear' or 'mlp'"
             )
         # NADO initialises the head from the layers above the tap; at the top of the stack there
         # are none, so the top layers are copied instead.
         idx = list(range(start, min(start + spec.num_layers, n))) or list(
             range(max(n - spec.num_layers, 0), n)
         )
-        self.layers = nn.ModuleList(copy.deepcopy(dec.layers[i]) for i in idx)
-        self.norm = copy.deepcopy(dec.norm)
-        self.rotary_emb = copy.deepcopy(dec.rotary_emb)
+        self.layers = nn.ModuleList(copy.deepcopy(parts.layers[i]) for i in idx)
+        self.norm = copy.deepcopy(parts.norm)
+        self.rotary_emb = copy.deepcopy(rotary)
         for p in self.parameters():
             p.requires_grad_(True)
             p.data = p.data.float()

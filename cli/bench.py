@@ -83,3 +83,28 @@ def train(
         progress=None if as_json else (lambda msg: typer.echo(f"running {msg}", err=True)),
     )  # fmt: skip
     typer.echo(json.dumps(result, indent=1) if as_json else format_train_table(result))
+
+
+@app.command("sampler")
+def sampler(
+    model: str = typer.Option("bundled:smollm2-135m-instruct", help="Model spec to sample from."),
+    rows: int = typer.Option(64, help="Prompts sampled at once (the sample job's batch)."),
+    max_new_tokens: int = typer.Option(20, help="Tokens per continuation."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Where the sampler's time goes and how close it runs to its matmul floor: one batch of the
+    training prompts sampled with top-p 0.9 under the profiler, its time split into the matrix
+    products, the top-p/sampling ops and the rest, beside the same weight matmuls timed alone.
+
+    Acceptance run: attrctl bench sampler
+    """
+    from attrctl.bench.sampler import describe, profile_sampler
+    from attrctl.data.prompt_sets import load_prompt_set
+    from attrctl.models import load_model
+
+    loaded = load_model(model)
+    prompts = list(load_prompt_set("toxic").prompts)
+    prompts = (prompts * (rows // len(prompts) + 1))[:rows]
+    result = profile_sampler(loaded.model, loaded.tokenizer, prompts,
+                             max_new_tokens=max_new_tokens)  # fmt: skip
+    typer.echo(json.dumps(result, indent=1) if as_json else describe(result))

@@ -155,9 +155,9 @@ class _Setup:
 
 def _load(spec: TrainBenchSpec) -> _Setup:
     """Policy, model and its trainable subset as the fine-tune job prepares them."""
-    from attrctl.heads import num_layers
     from attrctl.losses import resolve_impl
     from attrctl.models import load_model
+    from attrctl.models.arch import num_layers
     from attrctl.policy import compile_policy, load_policy
     from attrctl.train.weights import select_trainable
 

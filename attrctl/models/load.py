@@ -143,17 +143,33 @@ def _from_pretrained(spec: str, source: str, *, dtype: torch.dtype, device: str)
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     # Offline, a hub id can still load from the local hub cache (local_files_only).
-    offline = source == spec and not hub_reachable()
+    offline = source == spec and not _looks_like_path(spec) and not hub_reachable()
     try:
         with no_hf_progress_bar():
             tok = AutoTokenizer.from_pretrained(source, local_files_only=offline)
             model = AutoModelForCausalLM.from_pretrained(
                 source, dtype=dtype, local_files_only=offline
             )
+    except ValueError as err:
+        if "Unrecognized configuration class" in str(err):  # e.g. an encoder-decoder model
+            raise AttrctlError(
+                f"model {spec!r}: {_config_name(err)} is not a causal language model "
+                "(AutoModelForCausalLM has no class for it); attrctl fine-tunes decoder-only "
+                "causal LMs (docs/models-data.md, 'Architectures')"
+            ) from err
+        raise AttrctlError(_pretrained_failure(spec, err, offline=offline)) from err
     except Exception as err:  # hub/network/format errors come in many classes; all are user-facing
         raise AttrctlError(_pretrained_failure(spec, err, offline=offline)) from err
     finish(model, tok, device)
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source)
+
+
+def _config_name(err: Exception) -> str:
+    """``T5Config`` from transformers' "Unrecognized configuration class <class '….T5Config'>"."""
+    import re
+
+    found = re.search(r"\.(\w+Config)'>", str(err))
+    return found.group(1) if found else "its configuration"
 
 
 def _pretrained_failure(spec: str, err: Exception, *, offline: bool) -> str:

@@ -17,6 +17,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from attrctl.errors import AttrctlError
+from attrctl.models.arch import check_linear_lm_head, decoder_parts
 from attrctl.paths import atomic_dir
 from attrctl.policy.compile import CompiledPolicy
 from attrctl.train.context import TrainContext
@@ -29,6 +30,7 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
     """Mark the parameters that train under ``finetune.method``; return the model to train
     (a peft model for ``lora``)."""
     ft = compiled.policy.finetune
+    check_linear_lm_head(model)  # the fused loss forms the logits as hidden @ W.T
     if ft.method == "lora":
         from peft import LoraConfig, get_peft_model
 
@@ -50,15 +52,19 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
     for p in model.parameters():
         p.requires_grad_(ft.method == "full")
     if ft.method == "top_layers":
-        dec = model.get_decoder()
-        n = len(dec.layers)
+        parts = decoder_parts(model)
+        n = len(parts.layers)
         if ft.top_layers > n:
             raise AttrctlError(
                 f"finetune.top_layers is {ft.top_layers} but the model has {n} layers"
             )
         # The LM head stays frozen: in most small models it is the input embedding (tied), and a
         # frozen head also spares the fused loss its [V, H] weight-gradient GEMM.
-        for module in (*dec.layers[n - ft.top_layers :], dec.norm):
+        top = [
+            *parts.layers[n - ft.top_layers :],
+            *([parts.norm] if parts.norm is not None else []),
+        ]
+        for module in top:
             for p in module.parameters():
                 p.requires_grad_(True)
     return model
