@@ -121,3 +121,26 @@ def test_cli_json_and_plot(tmp_path, capsys):
     assert len(rows) == 1 and rows[0].keys() >= REQUIRED
     assert rows[0]["impl"] == "chunked" and rows[0]["mode"] == "fwd"
     assert png.stat().st_size > 1000
+
+
+def test_sampler_profile_splits_the_time_and_counts_the_floor():
+    from attrctl.bench.sampler import _linear_shapes, describe, profile_sampler
+    from attrctl.models import load_model
+
+    loaded = load_model("tiny-random")
+    r = profile_sampler(loaded.model, loaded.tokenizer, ["You are", "The weather"] * 2,
+                        max_new_tokens=3)  # fmt: skip
+    assert r["rows"] == 4 and 0 < r["tokens"] <= 12
+    parts = r["matmul_seconds"] + r["sampling_seconds"] + r["other_seconds"]
+    assert parts == pytest.approx(r["op_seconds"]) and r["matmul_seconds"] > 0
+    assert r["floor_seconds"] > 0 and r["floor_share"] == pytest.approx(
+        r["floor_seconds"] / r["seconds"]
+    )
+    # the floor counts every linear map a token passes through: 2 layers × 7 + the LM head
+    cfg = loaded.model.config
+    h, i, v = cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size
+    kv = cfg.num_key_value_heads * (h // cfg.num_attention_heads)
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * i
+    assert r["flop_per_token"] == 2 * (cfg.num_hidden_layers * per_layer + h * v)
+    assert len(_linear_shapes(loaded.model)) == 7 * cfg.num_hidden_layers + 1
+    assert "matmul floor" in describe(r)
