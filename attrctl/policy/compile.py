@@ -64,6 +64,23 @@ class CompiledPolicy:
         """Whether λ_d is to be set from the data (``per_domain: auto``)."""
         return self.policy.regularization.per_domain == "auto"
 
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The model's parameter dtype in every job (``policy.dtype``)."""
+        import torch
+
+        return getattr(torch, self.policy.dtype)
+
+    def autocast(self, device: str):
+        """The fine-tune's forward context: bf16 autocast under ``finetune.mixed_precision``."""
+        import contextlib
+
+        import torch
+
+        if self.policy.finetune.mixed_precision == "bf16":
+            return torch.autocast(device_type=torch.device(device).type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
     def build_heads(self, model: Any) -> torch.nn.ModuleList:
         """One zero-initialised regularizer head per attribute, sized for ``model``."""
         from attrctl.heads import build_heads

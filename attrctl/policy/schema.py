@@ -379,6 +379,17 @@ class FineTune(StrictModel):
     seq_len: int = Field(64, ge=8, le=8192, description="Tokens per training sequence.")
     grad_accum: int = Field(1, ge=1, description="Micro-batches accumulated per step.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    mixed_precision: Literal["no", "bf16"] = Field(
+        "no",
+        description="`bf16`: the fine-tune's forward passes run under bf16 autocast while the "
+        "weights, gradients and AdamW state stay in the model's dtype (fp32 master weights when "
+        "`dtype` is `float32`); the fused loss accumulates in fp32.",
+    )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Recompute the trained layers' activations in the backward pass instead of "
+        "keeping them: less memory at batch × seq, about one more forward of those layers.",
+    )
     checkpoint_every: int = Field(
         25, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
     )
@@ -450,6 +461,14 @@ class Policy(StrictModel):
         DEFAULT_MODEL,
         description="Base model: `bundled:smollm2-135m-instruct`, `tiny-random`, a hub id, or a "
         "local folder (relative to the policy file when it starts with `./` or `../`).",
+    )
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32",
+        description="Parameter dtype of the model in every job. `bfloat16` / `float16` halve "
+        "the weights' and activations' memory; the fused loss, the heads and sampling still "
+        "accumulate in fp32. `bfloat16` trains in bf16; under `float16` the trained parameters "
+        "are kept in fp32 (fp16 AdamW state underflows) and only the frozen ones are fp16. For "
+        "fp32 weights with bf16 compute use `finetune.mixed_precision` instead.",
     )
     data: list[DataSource] = Field(..., min_length=1, description="The fine-tuning mixture.")
     attributes: list[Attribute] = Field(..., min_length=1, description="Attributes to control.")

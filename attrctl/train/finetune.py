@@ -55,12 +55,13 @@ class _LMForward(torch.nn.Module):
     """The LLM's decoder forward with taps: the module DDP wraps, so gradient averaging hooks see
     every trainable parameter (the LM head is applied inside the fused loss)."""
 
-    def __init__(self, model: Any, taps: list[int]):
+    def __init__(self, model: Any, taps: list[int], autocast: Callable[[], Any]):
         super().__init__()
-        self.model, self.taps = model, taps
+        self.model, self.taps, self.autocast = model, taps, autocast
 
     def forward(self, input_ids: torch.Tensor):
-        return forward_with_tap(self.model, self.taps, input_ids)
+        with self.autocast():  # bf16 autocast under finetune.mixed_precision, else nothing
+            return forward_with_tap(self.model, self.taps, input_ids)
 
 
 def micro_step(
@@ -127,11 +128,13 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
         )
 
     # --- θ_{i−1}, its trainable subset, the frozen heads and the optimizer
-    loaded = load_model(policy.model, device=device)
+    loaded = load_model(policy.model, device=device, dtype=ctx.compiled.torch_dtype)
     model = select_trainable(loaded.model, ctx.compiled)
     if i > 1:
         load_trainable(model, run.model(i - 1))
     model.train()
+    if ft.gradient_checkpointing:  # non-reentrant: frozen layers below feed no grad-requiring input
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     params = [p for p in model.parameters() if p.requires_grad]
     regularized = ft.objective == "regularized"
     has_heads = regularized and heads_index is not None
@@ -169,7 +172,7 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     batches = mixture.batches(
         loaded.tokenizer, ft.batch_size, ft.seq_len, start=first_batch + step * ft.grad_accum
     )
-    forward = dist.wrap(ctx, _LMForward(model, taps))
+    forward = dist.wrap(ctx, _LMForward(model, taps, lambda: ctx.compiled.autocast(device)))
     bar = ctx.bar(f"finetune θ_{i}", ft.steps, "step")
     bar.update(step)
     start = time.perf_counter()
@@ -254,6 +257,7 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     dist.barrier(ctx)
     return {
         "iteration": i, "objective": ft.objective, "heads": meta["heads"], "steps": ft.steps,
+        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
         "ce_first": history[0]["ce"] if history else None,
         "ce_last": _tail_mean(history, "ce"), "kl_last": _tail_mean(history, "kl"),
         "loss_last": _tail_mean(history, "loss"),

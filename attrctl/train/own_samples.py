@@ -179,7 +179,7 @@ def own_kl_step(
     """
     hidden, tapped = forward(ids)  # [r, L, H], {tap: [r, L, H]} detached
     h = hidden[mask]  # [n, H]
-    logits = h @ lm_weight.T  # [n, V]
+    logits = h.float() @ lm_weight.float().T  # [n, V] fp32 whatever the model's dtypes
     regs = []
     with torch.no_grad():
         for head in heads:

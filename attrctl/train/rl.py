@@ -74,7 +74,7 @@ def rl_job(ctx: TrainContext, i: int) -> dict[str, Any]:
         )
     device = ctx.role_device("finetune")
     start = time.perf_counter()
-    loaded = load_model(policy.model, device=device)
+    loaded = load_model(policy.model, device=device, dtype=ctx.compiled.torch_dtype)
     work = run.checkpoint(i)  # TRL's output_dir (nothing is saved there); removed on publish
     model = select_trainable(loaded.model, ctx.compiled)
     if i > 1:

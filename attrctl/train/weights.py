@@ -67,6 +67,13 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
         for module in top:
             for p in module.parameters():
                 p.requires_grad_(True)
+    if model.dtype == torch.float16:  # fp16 AdamW state underflows (its ε 1e-8 is 0 in fp16):
+        for p in model.parameters():  # the trained parameters are fp32 master weights
+            if p.requires_grad:
+                p.data = p.data.float()
+        head = model.get_output_embeddings()  # the fp32 top layers meet a frozen fp16 LM head
+        if head.weight.dtype == torch.float16:
+            head.register_forward_pre_hook(lambda m, args: (args[0].to(m.weight.dtype), *args[1:]))
     return model
 
 
@@ -125,7 +132,9 @@ def load_theta(ctx: TrainContext, i: int, role: str):
     mode, plus its tokenizer. θ_0 is the base model."""
     from attrctl.models import load_model
 
-    loaded = load_model(ctx.policy.model, device=ctx.role_device(role))
+    loaded = load_model(
+        ctx.policy.model, device=ctx.role_device(role), dtype=ctx.compiled.torch_dtype
+    )
     model = select_trainable(loaded.model, ctx.compiled)
     if i > 0:
         if ctx.run.done(f"finetune/{i}") is None:
