@@ -51,10 +51,11 @@ def _register() -> None:
     from attrctl.cli import eval as eval_cmd
 
     eval_cmd.register(app)
-    from attrctl.cli import export, generate, report
+    from attrctl.cli import export, generate, memory, report
 
     generate.register(app)
     export.register(app)
+    memory.register(app)
     report.register(app)
     stubs.register(app)
 

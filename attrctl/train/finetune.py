@@ -257,12 +257,20 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     dist.barrier(ctx)
     return {
         "iteration": i, "objective": ft.objective, "heads": meta["heads"], "steps": ft.steps,
-        "gradient_checkpointing": bool(getattr(model, "is_gradient_checkpointing", False)),
+        "gradient_checkpointing": _checkpointing(model),
         "ce_first": history[0]["ce"] if history else None,
         "ce_last": _tail_mean(history, "ce"), "kl_last": _tail_mean(history, "kl"),
         "loss_last": _tail_mean(history, "loss"),
         "seconds": round(time.perf_counter() - start, 3),
     }  # fmt: skip
+
+
+def _checkpointing(model: Any) -> bool:
+    """Whether activation checkpointing is on (transformers 5 renamed the flag)."""
+    flag = getattr(model, "is_activation_checkpointing", None)
+    if flag is None:
+        flag = getattr(model, "is_gradient_checkpointing", False)
+    return bool(flag)
 
 
 def _tail_mean(history: list[dict], key: str, n: int = 10) -> float | None:
