@@ -476,3 +476,31 @@ def test_resume_extends_a_finished_run_with_more_iterations(reference_run, tmp_p
     _no_traceback(res)
     assert "has trained 3 iterations" in res.stderr
     assert _snapshot(run, skip=("lock",)) == before
+
+
+@pytest.mark.ci
+@pytest.mark.slow
+def test_torchrun_fsdp_two_ranks_matches_one_process(reference_run, tmp_path):
+    """finetune.sharding fsdp: FSDP2 shards each decoder layer over 2 gloo ranks, rank 0 writes
+    the gathered weights; the run matches the 1-process one as the DDP run does (same data,
+    heads and steps; only the order of fp32 sums differs), and its checkpoints hold whole
+    tensors."""
+    ref, _ = reference_run
+    policy = write_policy(tmp_path, finetune__sharding="fsdp")
+    out = tmp_path / "run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", free_port(), "-m", "attrctl.cli",
+           "train", "-p", str(policy), "--out", str(out), "-q"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    base = _tiny_params()
+    a, b = weights(ref), weights(out)
+    assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors
+    diff = sum(((a[k] - b[k]) ** 2).sum() for k in a) ** 0.5
+    update = sum(((a[k] - base[k]) ** 2).sum() for k in a) ** 0.5
+    print(f"θ_2 (FSDP): |2-rank − 1-process| / |update| = {diff / update:.3%}")
+    assert diff / update < 1e-3, f"FSDP vs 1-process update differs by {diff / update:.3%}"
+    ce = [[r["ce"] for r in _steps(run)] for run in (ref, out)]
+    assert max(abs(x - y) for x, y in zip(*ce, strict=True)) < 1e-5
+    norms = [[r["grad_norm"] for r in _steps(run)] for run in (ref, out)]
+    assert max(abs(x - y) / x for x, y in zip(*norms, strict=True)) < 1e-4  # one clip norm

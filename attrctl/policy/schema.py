@@ -385,6 +385,13 @@ class FineTune(StrictModel):
         "weights, gradients and AdamW state stay in the model's dtype (fp32 master weights when "
         "`dtype` is `float32`); the fused loss accumulates in fp32.",
     )
+    sharding: Literal["none", "fsdp"] = Field(
+        "none",
+        description="How the fine-tune spreads over `torchrun` ranks. `none`: DDP (every rank "
+        "holds the whole model, gradients and AdamW state); `fsdp`: PyTorch FSDP2 shards every "
+        "decoder layer's weights, gradients and AdamW state across the ranks (embeddings, final "
+        "norm and LM head stay whole). Methods `full` and `top_layers`.",
+    )
     gradient_checkpointing: bool = Field(
         False,
         description="Recompute the trained layers' activations in the backward pass instead of "
@@ -393,6 +400,15 @@ class FineTune(StrictModel):
     checkpoint_every: int = Field(
         25, ge=1, description="Steps between checkpoints (a killed run resumes from the last)."
     )
+
+    @model_validator(mode="after")
+    def _check_sharding(self):
+        if self.sharding == "fsdp" and self.method == "lora":
+            raise ValueError(
+                "finetune.sharding fsdp shards the trained layers of methods full and top_layers; "
+                "LoRA's trained state is small, so it runs under DDP (sharding: none)"
+            )
+        return self
 
     @model_validator(mode="after")
     def _check_rl_batch(self):

@@ -77,3 +77,15 @@ def all_reduce_mean(ctx: Any, value: float) -> float:
     t = torch.tensor([value], dtype=torch.float64)
     tdist.all_reduce(t)
     return float(t.item()) / ctx.world
+
+
+def any_rank(ctx: Any, flag: bool) -> bool:
+    """Whether ``flag`` is set on any rank (a collective: every rank calls it at the same point),
+    so that every rank takes the same branch — a stop asked of one rank stops all of them."""
+    if ctx.world <= 1:
+        return flag
+    import torch.distributed as tdist
+
+    t = torch.tensor([int(flag)], dtype=torch.int64)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
+    return bool(t.item())

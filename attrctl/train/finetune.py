@@ -35,6 +35,7 @@ from attrctl.heads_io import load_heads
 from attrctl.losses import RegHead, regularized_lm_loss
 from attrctl.paths import atomic_dir
 from attrctl.train import distributed as dist
+from attrctl.train import fsdp
 from attrctl.train.context import StopRequest, TrainContext
 from attrctl.train.own_samples import OwnBatch, OwnSamples, own_kl_step
 from attrctl.train.weights import (
@@ -135,6 +136,9 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     model.train()
     if ft.gradient_checkpointing:  # non-reentrant: frozen layers below feed no grad-requiring input
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    sharded = ft.sharding == "fsdp" and ctx.world > 1
+    if sharded:  # every decoder layer 1/N per rank; embeddings, norm and LM head whole
+        fsdp.shard(model)
     params = [p for p in model.parameters() if p.requires_grad]
     regularized = ft.objective == "regularized"
     has_heads = regularized and heads_index is not None
@@ -172,15 +176,17 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     batches = mixture.batches(
         loaded.tokenizer, ft.batch_size, ft.seq_len, start=first_batch + step * ft.grad_accum
     )
-    forward = dist.wrap(ctx, _LMForward(model, taps, lambda: ctx.compiled.autocast(device)))
+    forward = _LMForward(model, taps, lambda: ctx.compiled.autocast(device))
+    if not sharded:  # FSDP reduces the layers' gradients itself; DDP otherwise
+        forward = dist.wrap(ctx, forward)
     bar = ctx.bar(f"finetune θ_{i}", ft.steps, "step")
     bar.update(step)
     start = time.perf_counter()
     history: list[dict] = []
     StopRequest.begin_job()  # SIGINT/SIGTERM from here: finish the step, checkpoint, stop
     while step < ft.steps:
-        if StopRequest.requested:  # asked during the step just done (or before the first)
-            _checkpoint(ctx, i, model, opt, step, own)
+        if dist.any_rank(ctx, StopRequest.requested):  # asked during the step just done
+            _checkpoint(ctx, i, model, opt, step, own, sharded)
             bar.close()
             raise Interrupted(
                 f"stopped at step {step}/{ft.steps} of θ_{i}; checkpoint saved in "
@@ -222,7 +228,11 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
                 attr_weights=attr_weights, impl=policy.loss.impl,
             )  # fmt: skip
             kl_own = dist.all_reduce_mean(ctx, float(own_kl.mean()))
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
+        if sharded:  # the whole parameters' gradients averaged, then one norm over all
+            fsdp.average_replicated_grads(params, ctx.world)
+            grad_norm = fsdp.clip_grad_norm(params, ft.max_grad_norm)
+        else:
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, ft.max_grad_norm)
         opt.step()
         opt.zero_grad(set_to_none=True)
         step += 1
@@ -243,8 +253,9 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
         ctx.log(record)
         history.append(record)
         bar.update(1, ce=f"{record['ce']:.3f}", kl=f"{record['kl']:.4f}")
-        if step % ft.checkpoint_every == 0 and step < ft.steps and not StopRequest.requested:
-            _checkpoint(ctx, i, model, opt, step, own)
+        if (step % ft.checkpoint_every == 0 and step < ft.steps
+                and not dist.any_rank(ctx, StopRequest.requested)):  # fmt: skip
+            _checkpoint(ctx, i, model, opt, step, own, sharded)
         fault(job, step=step)
     # A stop asked for during the last step is not lost: θ_i is complete, so it is saved and
     # published as usual, and the run stops at that job boundary (schedules._run).
@@ -252,8 +263,9 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
     bar.close()
 
     meta = {"iteration": i, "heads": heads_index if has_heads else 0, "steps": ft.steps}
+    state = trainable_state(model) if sharded else None  # gathered on every rank
     if ctx.writer:
-        save_trainable(model, run.model(i), meta)
+        save_trainable(model, run.model(i), meta, state)
     dist.barrier(ctx)
     return {
         "iteration": i, "objective": ft.objective, "heads": meta["heads"], "steps": ft.steps,
@@ -287,18 +299,27 @@ def peak_memory_mb(device: str) -> float:
 
 # ------------------------------------------------------------------------------ checkpoints
 def _checkpoint(
-    ctx: TrainContext, i: int, model: Any, opt, step: int, own: OwnSamples | None = None
+    ctx: TrainContext,
+    i: int,
+    model: Any,
+    opt,
+    step: int,
+    own: OwnSamples | None = None,
+    sharded: bool = False,
 ) -> None:
     """Weights, optimizer, RNG and position of the running fine-tune, and the own-sample batch
     in use, as one folder renamed into place (a kill mid-write leaves the previous checkpoint
     intact)."""
-    if not ctx.writer:
+    if not ctx.writer and not sharded:
         return
     from safetensors.torch import save_file
 
+    weights = trainable_state(model)  # under FSDP both gather shards: every rank takes part
     tensors, rest = optimizer_tensors(opt)
+    if not ctx.writer:
+        return
     with atomic_dir(ctx.run.checkpoint(i)) as tmp:
-        save_file(trainable_state(model), str(tmp / TRAINABLE))
+        save_file(weights, str(tmp / TRAINABLE))
         save_file(tensors, str(tmp / "optimizer.safetensors"))
         save_file(rng_state(), str(tmp / "rng.safetensors"))
         if own is not None and own.batch is not None:

@@ -20,6 +20,7 @@ from attrctl.errors import AttrctlError
 from attrctl.models.arch import check_linear_lm_head, decoder_parts
 from attrctl.paths import atomic_dir
 from attrctl.policy.compile import CompiledPolicy
+from attrctl.train import fsdp
 from attrctl.train.context import TrainContext
 
 TRAINABLE = "trainable.safetensors"
@@ -78,15 +79,21 @@ def select_trainable(model: Any, compiled: CompiledPolicy) -> Any:
 
 
 def trainable_state(model: Any) -> dict[str, torch.Tensor]:
+    """The trained tensors, whole (gathering FSDP shards: a collective under sharding)."""
     return {
-        n: p.detach().clone().contiguous() for n, p in model.named_parameters() if p.requires_grad
+        n: fsdp.full(p.detach()).clone().contiguous()
+        for n, p in model.named_parameters()
+        if p.requires_grad
     }
 
 
-def save_trainable(model: Any, folder: Path, meta: dict[str, Any]) -> None:
-    """Publish θ: the trainable tensors and a meta JSON, as one folder renamed into place."""
+def save_trainable(
+    model: Any, folder: Path, meta: dict[str, Any], state: dict[str, torch.Tensor] | None = None
+) -> None:
+    """Publish θ: the trainable tensors (``state``, or read from ``model``) and a meta JSON, as
+    one folder renamed into place."""
     with atomic_dir(folder) as tmp:
-        save_file(_dedup(trainable_state(model)), str(tmp / TRAINABLE))
+        save_file(_dedup(state or trainable_state(model)), str(tmp / TRAINABLE))
         (tmp / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
@@ -109,7 +116,7 @@ def load_trainable(model: Any, folder: Path) -> None:
                     f"{folder / TRAINABLE}: {name} has shape {tuple(t.shape)}, the model "
                     f"{tuple(params[name].shape)}"
                 )
-            params[name].copy_(t)
+            params[name].copy_(fsdp.like(t, params[name]))
 
 
 def read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
@@ -154,8 +161,9 @@ def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tenso
     sd = opt.state_dict()
     tensors: dict[str, torch.Tensor] = {}
     for idx, st in sd["state"].items():
-        for k, v in st.items():
-            tensors[f"{idx}.{k}"] = v.detach().clone().contiguous().reshape(v.shape)
+        for k, v in st.items():  # whole tensors: FSDP shards gathered (a collective)
+            v = fsdp.full(v.detach())
+            tensors[f"{idx}.{k}"] = v.clone().contiguous().reshape(v.shape)
     return tensors, {"param_groups": sd["param_groups"]}
 
 
@@ -177,6 +185,8 @@ def load_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor],
                 f"optimizer tensor {key!r} has shape {tuple(v.shape)}, the parameter "
                 f"{tuple(params[int(idx)].shape)}"
             )
+        if k in ("exp_avg", "exp_avg_sq"):  # sharded as the parameter is, under FSDP
+            v = fsdp.like(v, params[int(idx)])
         state.setdefault(int(idx), {})[k] = v
     groups = rest.get("param_groups") if isinstance(rest, dict) else None
     if not isinstance(groups, list) or not all(isinstance(g, dict) for g in groups):
