@@ -298,7 +298,12 @@ def apply_regularizer(
         if kwargs.get("fused_lm_head"):
             raise AttrctlError(_BYPASS)
         training = self.training and torch.is_grad_enabled() and labels is not None
-        if not training or kwargs.get("inputs_embeds") is not None:
+        if training and kwargs.get("inputs_embeds") is not None:
+            raise AttrctlError(
+                "attrctl's regularizer trains from input_ids (its heads tap the layers of the "
+                "token sequence); this batch gives inputs_embeds"
+            )
+        if not training:
             extra = {"labels": labels} if labels is not None else {}
             if num_items_in_batch is not None:
                 extra["num_items_in_batch"] = num_items_in_batch

@@ -51,11 +51,12 @@ def _register() -> None:
     from attrctl.cli import eval as eval_cmd
 
     eval_cmd.register(app)
-    from attrctl.cli import export, generate, memory, report
+    from attrctl.cli import export, generate, memory, pairwise, report
 
     generate.register(app)
     export.register(app)
     memory.register(app)
+    pairwise.register(app)
     report.register(app)
     stubs.register(app)
 
