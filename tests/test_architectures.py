@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attrctl.models.load import TINY_TOKENIZER_DIR
+from tests.tiny_runs import tiny_eval
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
          "num_attention_heads": 4, "max_position_embeddings": 128}  # fmt: skip
@@ -93,24 +94,7 @@ def test_train_generate_eval_export(arch, run_cli, tmp_path, monkeypatch):
     assert code == 0, err
     assert text.strip()
 
-    (tmp_path / "p.txt").write_text("You are such a\nThe weather today is\n")
-    code, _, err = run_cli(
-        "eval",
-        run,
-        "-k",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--prompts",
-        tmp_path / "p.txt",
-        "--ppl-tokens",
-        "100",
-        "--mc-examples",
-        "0",
-        "-q",
-    )
-    assert code == 0, err
-    result = json.loads((run / "eval.json").read_text())
+    result = tiny_eval(run_cli, run, tmp_path)
     assert result["generation"]["ppl"] > 1
 
     code, _, err = run_cli("export", run, "--out", out)

@@ -11,6 +11,8 @@ import torch
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from tests.tiny_runs import set_fields, tiny_eval
+
 
 def _policy(tmp: Path, name: str, **extra) -> Path:
     (tmp / "general.txt").write_text("\n\n".join(["The library opens at nine on weekdays."] * 24))
@@ -33,12 +35,7 @@ def _policy(tmp: Path, name: str, **extra) -> Path:
         "schedule": {"mode": "sequential", "iterations": 1},
         "loss": {"impl": "chunked"},
     }  # fmt: skip
-    for key, value in extra.items():
-        section, _, field = key.partition("__")
-        if field:
-            data[section][field] = value
-        else:
-            data[section] = value
+    set_fields(data, extra)
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(data))
     return path
@@ -91,23 +88,7 @@ def test_half_precision_run_end_to_end(dtype, run_cli, tmp_path, monkeypatch, fp
     assert all(torch.isfinite(torch.tensor(losses)))
     # same data, heads and steps: the loss follows the fp32 run's to the dtype's precision
     assert losses == pytest.approx(ref, rel=3e-2)
-    (tmp_path / "p.txt").write_text("You are such a\nThe weather today is\n")
-    code, _, err = run_cli(
-        "eval",
-        run,
-        "-k",
-        "2",
-        "--max-new-tokens",
-        "4",
-        "--prompts",
-        tmp_path / "p.txt",
-        "--ppl-tokens",
-        "100",
-        "--mc-examples",
-        "0",
-        "-q",
-    )
-    assert code == 0, err  # fmt: skip
+    tiny_eval(run_cli, run, tmp_path)
     code, _, err = run_cli("export", run, "--out", tmp_path / "export")
     assert code == 0, err
     back = AutoModelForCausalLM.from_pretrained(tmp_path / "export", dtype="auto")

@@ -20,6 +20,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from tests.tiny_runs import set_fields
+
 TOXIC = [
     "You are a stupid idiot and everyone hates you.",
     "Shut up, you worthless moron.",
@@ -59,12 +61,7 @@ def write_policy(tmp: Path, name: str = "tiny", **extra) -> Path:
         "schedule": {"mode": "sequential", "iterations": 2},
         "loss": {"impl": "chunked"},
     }  # fmt: skip
-    for key, value in extra.items():
-        section, _, field = key.partition("__")
-        if field:
-            policy[section][field] = value
-        else:
-            policy[section] = value
+    set_fields(policy, extra)
     path = tmp / f"{name}.yaml"
     path.write_text(json.dumps(policy))  # JSON is YAML
     return path
