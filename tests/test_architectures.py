@@ -16,10 +16,10 @@ import pytest
 import torch
 import transformers as tf
 from safetensors.torch import load_file
+from tiny_runs import tiny_eval
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from attrctl.models.load import TINY_TOKENIZER_DIR
-from tests.tiny_runs import tiny_eval
 
 SMALL = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 3,
          "num_attention_heads": 4, "max_position_embeddings": 128}  # fmt: skip

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from tiny_runs import set_fields, tiny_eval
 from transformers import AutoModelForCausalLM
-
-from tests.tiny_runs import set_fields, tiny_eval
 
 
 def _policy(tmp: Path, name: str, **extra) -> Path:

@@ -19,8 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-
-from tests.tiny_runs import set_fields
+from tiny_runs import set_fields
 
 TOXIC = [
     "You are a stupid idiot and everyone hates you.",
