@@ -80,6 +80,17 @@ def env() -> dict:
     return e
 
 
+def train_two_ranks(tmp: Path, policy: Path) -> Path:
+    """`attrctl train` of ``policy`` under torchrun with 2 gloo ranks, into ``tmp/run``."""
+    out = tmp / "run"
+    torchrun = Path(sys.executable).parent / "torchrun"
+    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", free_port(), "-m", "attrctl.cli",
+           "train", "-p", str(policy), "--out", str(out), "-q"]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=tmp, env=env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
 def attrctl(*args, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "attrctl.cli", *map(str, args)]
     proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=600)
@@ -287,12 +298,7 @@ def _steps(run: Path) -> list[dict]:
 def test_torchrun_two_ranks_matches_one_process(reference_run, tmp_path):
     ref, _ = reference_run
     policy = write_policy(tmp_path)
-    out = tmp_path / "run"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", free_port(), "-m", "attrctl.cli",
-           "train", "-p", str(policy), "--out", str(out), "-q"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = train_two_ranks(tmp_path, policy)
     # Same rows, same draws: sampled continuations match row for row (per-row seeds); the fit
     # shares every global batch among the ranks without losing a sequence (the fine-tune's batch
     # size is a multiple of the ranks), each rank scales its row sum by the global batch's rows
@@ -479,16 +485,11 @@ def test_resume_extends_a_finished_run_with_more_iterations(reference_run, tmp_p
 def test_torchrun_fsdp_two_ranks_matches_one_process(reference_run, tmp_path):
     """finetune.sharding fsdp: FSDP2 shards each decoder layer over 2 gloo ranks, rank 0 writes
     the gathered weights; the run matches the 1-process one as the DDP run does (same data,
-    heads and steps; only the order of fp32 sums differs), and its checkpoints hold whole
-    tensors."""
+    heads and steps; only the order of fp32 sums differs), and model/iter_2 holds whole
+    (gathered) tensors."""
     ref, _ = reference_run
     policy = write_policy(tmp_path, finetune__sharding="fsdp")
-    out = tmp_path / "run"
-    torchrun = Path(sys.executable).parent / "torchrun"
-    cmd = [str(torchrun), "--nproc-per-node", "2", "--master-port", free_port(), "-m", "attrctl.cli",
-           "train", "-p", str(policy), "--out", str(out), "-q"]  # fmt: skip
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = train_two_ranks(tmp_path, policy)
     base = _tiny_params()
     a, b = weights(ref), weights(out)
     assert a.keys() == b.keys() and all(a[k].shape == b[k].shape for k in a)  # whole tensors
