@@ -182,9 +182,20 @@ class PackingCollator:
         # each example starts with BOS where the tokenizer adds one, as sampled prompts do
         self._bos = bos_prefix(tokenizer)
 
-    def _encode(self, example: Example) -> tuple[list[int], int]:
-        ids = encode_text(self.tokenizer, example.text, bos=self._bos, **self._quiet)
-        return [*ids, self.tokenizer.eos_token_id], self.domains.index(example.domain)
+    def _encode(self, example: Example) -> tuple[list[int], int, int]:
+        """The example's ids (eos last), its domain id, and how many of the ids before the eos
+        are its label words (0 unless templated)."""
+        eos, dom = self.tokenizer.eos_token_id, self.domains.index(example.domain)
+        if not example.label:
+            ids = encode_text(self.tokenizer, example.text, bos=self._bos, **self._quiet)
+            return [*ids, eos], dom, 0
+        # the label words are encoded as a continuation of the text before them, the way
+        # attrctl eval scores them (attrctl.eval.classify), so their tokens are exactly these
+        head = example.text[: len(example.text) - len(example.label)]
+        ids = encode_text(self.tokenizer, head, bos=self._bos, **self._quiet)
+        words = list(self.tokenizer(example.label, add_special_tokens=False, **self._quiet)
+                     ["input_ids"])  # fmt: skip
+        return [*ids, *words, eos], dom, len(words)
 
     def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:
         """Pack a finite list of examples into as many rows as they need (last row padded).
@@ -192,18 +203,25 @@ class PackingCollator:
         Returns:
             ``input_ids`` ``[R, T]`` long, ``labels`` ``[R, T]`` long (``-100`` on padding; the
             model shifts them), ``attention_mask`` ``[R, T]`` long, ``domain_ids`` ``[R, T]``
-            long (per token; padding carries the row's last domain, masked out by ``labels``).
+            long (per token; padding carries the row's last domain, masked out by ``labels``),
+            ``label_mask`` ``[R, T]`` bool (the label words of templated examples).
         """
         ids: list[int] = []
         doms: list[int] = []
+        marks: list[bool] = []
         for example in examples:
-            toks, dom = self._encode(example)
-            ids.extend(toks)
-            doms.extend([dom] * len(toks))
+            self._add(example, ids, doms, marks)
         if not ids:
             raise ValueError("no examples to collate")
         rows = -(-len(ids) // self.seq_len)
-        return self._tensors(ids, doms, rows)
+        return self._tensors(ids, doms, marks, rows)
+
+    def _add(self, example: Example, ids: list[int], doms: list[int], marks: list[bool]) -> None:
+        toks, dom, n_label = self._encode(example)
+        ids.extend(toks)
+        doms.extend([dom] * len(toks))
+        start = len(toks) - 1 - n_label  # the label words sit just before the eos
+        marks.extend(start <= j < len(toks) - 1 for j in range(len(toks)))
 
     def stream(
         self, examples: Iterator[Example], batch_size: int, skip: int = 0
@@ -213,18 +231,19 @@ class PackingCollator:
         need = batch_size * self.seq_len
         ids: list[int] = []
         doms: list[int] = []
+        marks: list[bool] = []
         n = 0
         for example in examples:
-            toks, dom = self._encode(example)
-            ids.extend(toks)
-            doms.extend([dom] * len(toks))
+            self._add(example, ids, doms, marks)
             while len(ids) >= need:
                 if n >= skip:
-                    yield self._tensors(ids[:need], doms[:need], batch_size)
-                del ids[:need], doms[:need]
+                    yield self._tensors(ids[:need], doms[:need], marks[:need], batch_size)
+                del ids[:need], doms[:need], marks[:need]
                 n += 1
 
-    def _tensors(self, ids: list[int], doms: list[int], rows: int) -> dict[str, Any]:
+    def _tensors(
+        self, ids: list[int], doms: list[int], marks: list[bool], rows: int
+    ) -> dict[str, Any]:
         import torch
 
         size = rows * self.seq_len
@@ -237,4 +256,6 @@ class PackingCollator:
             "labels": input_ids.masked_fill(~real, IGNORE_INDEX),  # [R, T]
             "attention_mask": real.long(),  # [R, T]
             "domain_ids": torch.tensor(doms + [last_dom] * pad).view(rows, self.seq_len),
+            # the label words' tokens of templated examples (what `classify` trains on)
+            "label_mask": torch.tensor(marks + [False] * pad).view(rows, self.seq_len),
         }

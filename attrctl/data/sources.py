@@ -39,10 +39,12 @@ _SUFFIX_FORMATS = {
 
 @dataclass(frozen=True)
 class Example:
-    """One training text and the domain that selects its λ_d."""
+    """One training text, the domain that selects its λ_d, and — for a templated source — the
+    label words that close the text (what ``finetune.objective: classify`` trains on)."""
 
     text: str
     domain: str
+    label: str = ""
 
 
 def describe_source(source) -> str:
@@ -78,6 +80,8 @@ def load_source_filtered(source, policy: Policy) -> tuple[list[Example], int]:
     """:func:`load_source`, and how many examples the ``filter`` objective dropped from it (0 for
     every other objective, and for sources without oracle scores: only synth rows carry them)."""
     dropped = 0
+    if getattr(source, "template", None) is not None:
+        return _templated(source, policy)
     if isinstance(source, FileSource):
         texts, where = _read_file(Path(source.path), source.format, source.text_field)
     elif isinstance(source, HubSource):
@@ -101,6 +105,71 @@ def load_source_filtered(source, policy: Policy) -> tuple[list[Example], int]:
     return [Example(t, source.domain) for t in texts], dropped
 
 
+def _templated(source, policy: Policy) -> tuple[list[Example], int]:
+    """A templated source's training rows as examples (:mod:`attrctl.data.template`)."""
+    from attrctl.data.template import full_text, labelled_texts, split
+
+    rows, where, dropped = source_rows(source, policy)
+    train, _ = split(labelled_texts(rows, source.template, where), source.template)
+    if not train:
+        raise AttrctlError(
+            f"{where}: no training rows: all {len(rows)} fall in the template's test split "
+            f"(test_share {source.template.test_share})"
+        )
+    if source.max_examples is not None and len(train) > source.max_examples:
+        rng = random.Random(f"{policy.seed}:{source.domain}:{where}")
+        train = [train[i] for i in sorted(rng.sample(range(len(train)), source.max_examples))]
+    examples = []
+    for t in train:
+        text, words = full_text(t, source.template)
+        examples.append(Example(text, source.domain, label=words))
+    return examples, dropped
+
+
+def heldout_labelled(source, policy: Policy) -> tuple[str, list]:
+    """A templated source's label and its test rows (:class:`~attrctl.data.template.LabelledText`),
+    for ``attrctl eval``'s ROC-AUC."""
+    from attrctl.data.template import labelled_texts, split
+
+    rows, where, _ = source_rows(source, policy)
+    return describe_source(source), split(labelled_texts(rows, source.template, where),
+                                          source.template)[1]  # fmt: skip
+
+
+def source_rows(source, policy: Policy) -> tuple[list[dict], str, int]:
+    """The rows (field → value) of a templated source, where they come from, and how many the
+    ``filter`` objective dropped (synth sources; synth rows also get ``text`` = prompt +
+    continuation).
+
+    Raises:
+        AttrctlError: an unreadable or empty source, or a txt file (no fields to template).
+    """
+    from attrctl.data.template import needed_fields
+
+    fields = needed_fields(source.template)
+    dropped = 0
+    if isinstance(source, FileSource):
+        path = Path(source.path)
+        texts_only = source.format == "txt" or (
+            source.format == "auto" and path.suffix.lower() == ".txt"
+        )
+        if texts_only:
+            raise AttrctlError(
+                f"{path}: a template reads fields of rows; use a jsonl, csv or parquet file"
+            )
+        rows, where = _read_file_rows(path, source.format, fields), str(path)
+    elif isinstance(source, HubSource):
+        rows, where = _read_hub(source, fields)
+    elif isinstance(source, SynthSource):
+        rows, where, dropped = _synth_rows(synth_path(source, policy), policy)
+        rows = [{**r, "text": r["prompt"] + r["continuation"]} for r in rows]
+    else:
+        raise AttrctlError(f"{describe_source(source)}: has no labelled rows to template")
+    if not rows:
+        raise AttrctlError(f"{where}: empty dataset (no rows)")
+    return rows, where, dropped
+
+
 def oracle_flagged(row: dict, policy: Policy) -> bool:
     """Whether any attribute's oracle flags a labelled synth row: its score for the attribute is
     at or above the attribute's ``target.max_violation`` — the rows the ``filter`` objective
@@ -114,7 +183,28 @@ def oracle_flagged(row: dict, policy: Policy) -> bool:
 
 
 # ------------------------------------------------------------------------------------ readers
+_TEXT_HINT = "set `text_field:` on the source"
+_TEMPLATE_HINT = "the template reads it"
+
+
 def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
+    fmt = _file_format(path, fmt)
+    if fmt == "txt":
+        try:
+            text = _utf8(path, path.read_bytes())
+        except OSError as err:
+            raise AttrctlError(f"{path}: cannot read txt file: {err}") from None
+        return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")], str(path)
+    rows = _read_rows(path, fmt, [field], _TEXT_HINT)
+    return [_text_of(row[field], path, field, where) for where, row in rows], str(path)
+
+
+def _read_file_rows(path: Path, fmt: str, fields: list[str]) -> list[dict]:
+    """Rows of a jsonl / csv / parquet file (parquet: only ``fields``), each having ``fields``."""
+    return [row for _, row in _read_rows(path, _file_format(path, fmt), fields, _TEMPLATE_HINT)]
+
+
+def _file_format(path: Path, fmt: str) -> str:
     try:
         found = path.is_file()
     except OSError as err:  # a name too long, say
@@ -128,15 +218,17 @@ def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
                 f"{path}: cannot tell the format from the extension {path.suffix!r}; set "
                 f"`format:` to one of jsonl, csv, txt, parquet"
             )
+    return fmt
+
+
+def _read_rows(path: Path, fmt: str, fields: list[str], hint: str) -> list[tuple[str, dict]]:
+    """(where, row) of every row of a jsonl / csv / parquet file, each having ``fields``."""
     try:
-        if fmt == "txt":
-            text = _utf8(path, path.read_bytes())
-            return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")], str(path)
         if fmt == "jsonl":
-            return _read_jsonl(path, field), str(path)
+            return _read_jsonl(path, fields, hint)
         if fmt == "csv":
-            return _read_csv(path, field), str(path)
-        return _read_parquet(path, field), str(path)
+            return _read_csv(path, fields, hint)
+        return _read_parquet(path, fields, hint)
     except (OSError, UnicodeDecodeError) as err:
         raise AttrctlError(f"{path}: cannot read {fmt} file: {err}") from None
 
@@ -163,8 +255,16 @@ def _text_of(value, path: Path, field: str, where: str) -> str:
     return value
 
 
-def _read_jsonl(path: Path, field: str) -> list[str]:
-    texts = []
+def _missing(path: Path, fields: list[str], have, what: str, hint: str) -> str | None:
+    lacking = [f for f in fields if f not in have]
+    if not lacking:
+        return None
+    kind = "text field" if hint == _TEXT_HINT else "field"
+    return f"no {kind} {lacking[0]!r} ({what}: {', '.join(have) or 'none'}); {hint}"
+
+
+def _read_jsonl(path: Path, fields: list[str], hint: str) -> list[tuple[str, dict]]:
+    rows = []
     with path.open("rb") as fh:
         for lineno, raw in enumerate(fh, 1):
             line = _utf8(path, raw, lineno)
@@ -181,49 +281,44 @@ def _read_jsonl(path: Path, field: str) -> list[str]:
                 ) from None
             if not isinstance(row, dict):
                 raise AttrctlError(f"{path}:{lineno}: expected a JSON object per line")
-            if field not in row:
-                raise AttrctlError(
-                    f"{path}:{lineno}: no text field {field!r} (keys: {', '.join(row) or 'none'}); "
-                    f"set `text_field:` on the source"
-                )
-            texts.append(_text_of(row[field], path, field, f"on line {lineno}"))
-    return texts
+            why = _missing(path, fields, list(row), "keys", hint)
+            if why:
+                raise AttrctlError(f"{path}:{lineno}: {why}")
+            rows.append((f"on line {lineno}", row))
+    return rows
 
 
-def _read_csv(path: Path, field: str) -> list[str]:
+def _read_csv(path: Path, fields: list[str], hint: str) -> list[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(_utf8(path, path.read_bytes()), newline=""))
     try:
-        columns = reader.fieldnames or []
-        if field not in columns:
-            raise AttrctlError(
-                f"{path}: no text field {field!r} (columns: {', '.join(columns) or 'none'}); "
-                f"set `text_field:` on the source"
-            )
-        return [row[field] or "" for row in reader]
+        why = _missing(path, fields, reader.fieldnames or [], "columns", hint)
+        if why:
+            raise AttrctlError(f"{path}: {why}")
+        return [(f"on line {reader.line_num}", {k: v or "" for k, v in row.items()})
+                for row in reader]  # fmt: skip
     except csv.Error as err:  # a NUL byte, an overlong field, a stray quote
         raise AttrctlError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
 
 
-def _read_parquet(path: Path, field: str) -> list[str]:
+def _read_parquet(path: Path, fields: list[str], hint: str) -> list[tuple[str, dict]]:
     import pyarrow.parquet as pq  # a dependency of `datasets`
 
     try:
         schema = pq.read_schema(path)
     except Exception as err:  # pyarrow raises its own error types for corrupt files
         raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
-    if field not in schema.names:
-        raise AttrctlError(
-            f"{path}: no text field {field!r} (columns: {', '.join(schema.names)}); "
-            f"set `text_field:` on the source"
-        )
+    why = _missing(path, fields, schema.names, "columns", hint)
+    if why:
+        raise AttrctlError(f"{path}: {why}")
     try:
-        column = pq.read_table(path, columns=[field]).column(field).to_pylist()
+        table = pq.read_table(path, columns=fields).to_pylist()
     except Exception as err:  # a damaged data page after a readable footer
         raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
-    return [_text_of(v, path, field, f"row {i}") for i, v in enumerate(column)]
+    return [(f"row {i}", row) for i, row in enumerate(table)]
 
 
-def _read_hub(source: HubSource) -> tuple[list[str], str]:
+def _read_hub(source: HubSource, fields: list[str] | None = None) -> tuple[list, str]:
+    """The texts of a hub dataset's ``text_field``, or with ``fields`` its rows (those columns)."""
     where = f"hub dataset {source.name!r}" + (f" ({source.config})" if source.config else "")
     where += f" split {source.split!r}"
     try:
@@ -235,16 +330,24 @@ def _read_hub(source: HubSource) -> tuple[list[str], str]:
             f"{where}: could not load ({type(err).__name__}: {err}). Without internet, save the "
             f"data to a local file and use `kind: file`."
         ) from None
-    if source.text_field not in ds.column_names:
-        raise AttrctlError(
-            f"{where}: no text field {source.text_field!r} (columns: "
-            f"{', '.join(ds.column_names)}); set `text_field:` on the source"
-        )
+    hint = _TEMPLATE_HINT if fields is not None else _TEXT_HINT
+    why = _missing(Path(), fields or [source.text_field], ds.column_names, "columns", hint)
+    if why:
+        raise AttrctlError(f"{where}: {why}")
+    if fields is not None:
+        return list(ds.select_columns(fields)), where
     return [v or "" for v in ds[source.text_field]], where
 
 
 def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str, int]:
     """Texts of a synth file, its label, and how many flagged rows the filter objective dropped."""
+    kept, where, dropped = _synth_rows(path, policy)
+    # Training text is what a user would have seen: the prompt followed by the continuation.
+    return [row["prompt"] + row["continuation"] for row in kept], where, dropped
+
+
+def _synth_rows(path: Path, policy: Policy) -> tuple[list[dict], str, int]:
+    """Rows of a synth file, its label, and how many flagged rows the filter objective dropped."""
     if not path.is_file():
         name = policy.source_path or policy.name
         raise AttrctlError(
@@ -269,8 +372,7 @@ def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str, int]:
                 ) from None
             if not flagged:
                 kept.append(row)
-    # Training text is what a user would have seen: the prompt followed by the continuation.
-    return [row["prompt"] + row["continuation"] for row in kept], str(path), len(rows) - len(kept)
+    return kept, str(path), len(rows) - len(kept)
 
 
 def preview_sources(policy: Policy, n: int = 3) -> list[dict]:

@@ -31,6 +31,9 @@ The result (``RUN_DIR/eval.json``; ``eval_guided.json`` with ``--guided``; a mod
     utility          {"heldout_ppl": {"value", "tokens", "window"} | null,
                       "mc": {"tasks": {name: {"accuracy", "stderr", "chance", "n"}},
                              "accuracy", "stderr", "chance"} | null}
+    classification   {<templated source>: {"roc_auc": {"value", "ci"}, "texts", "positives",
+                      "groups", "positive_label", "label_words"}} | null — ROC-AUC on the
+                      held-out rows of the policy's templated sources (:mod:`attrctl.eval.classify`)
     generation       {"ppl" | null, "rows": scored for ppl, "base_model",
                       "distinct": {"1", "2", "3"}}
     train_seconds    float | null   sum of the run's job times (state.json)

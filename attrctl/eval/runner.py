@@ -234,6 +234,17 @@ def evaluate(
         mc = utility.mc_accuracy(model, tok, tasks, max_examples=settings.mc_examples, bar=bar)
         bar.close()
 
+    # ---- classification ROC-AUC on the held-out rows of templated sources, if the policy has any
+    from attrctl.eval.classify import classification_results
+
+    n_cls = _heldout_rows(policy)
+    bar = _bar(progress, "classification", n_cls, "row") if n_cls else None
+    classification = classification_results(
+        model, tok, policy, seed=seed, resamples=settings.resamples, bar=bar
+    )
+    if bar is not None:
+        bar.close()
+
     # ---- generation quality, under the base model, on an even spread of the continuations
     gen_rows = quality.spread(rows, settings.gen_ppl_rows)
     gen_ppl = None
@@ -261,6 +272,7 @@ def evaluate(
         "settings": record,
         "control": scored,
         "utility": {"heldout_ppl": heldout, "mc": mc},
+        "classification": classification,
         "generation": {
             "ppl": gen_ppl,
             "rows": len(gen_rows),
@@ -273,6 +285,14 @@ def evaluate(
         "attrctl_version": __version__,
         "notes": notes,
     }
+
+
+def _heldout_rows(policy: Any) -> int:
+    """How many held-out rows the policy's templated sources have (0: no classification)."""
+    from attrctl.data.sources import heldout_labelled
+
+    return sum(len(heldout_labelled(s, policy)[1]) for s in policy.data
+               if getattr(s, "template", None) is not None)  # fmt: skip
 
 
 def _heldout_texts(settings: EvalSettings, notes: list[str]) -> list[str]:

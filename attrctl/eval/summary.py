@@ -64,6 +64,13 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             f"multiple choice (zero-shot)      {mc['accuracy']:.3f} ± {mc['stderr']:.3f}  "
             f"(chance {mc['chance']:.3f}): {tasks}"
         )
+    for source, c in (result.get("classification") or {}).items():
+        roc = c["roc_auc"]
+        lines.append(
+            f"classification ROC-AUC           {roc['value']:.3f} ({roc['ci'][0]:.3f}–"
+            f"{roc['ci'][1]:.3f}) on {c['texts']} held-out rows of {source} "
+            f"({c['positives']} labelled {c['positive_label']!r}, {c['groups']} groups)"
+        )
     gen = result["generation"]
     gppl = "n/a" if gen["ppl"] is None else f"{gen['ppl']:.2f}"
     d = gen["distinct"]

@@ -24,6 +24,7 @@ SECTIONS: list[tuple[str, type[BaseModel]]] = [
     ("data[] — kind: bundled", s.BundledSource),
     ("data[] — kind: file", s.FileSource),
     ("data[] — kind: hub", s.HubSource),
+    ("data[].template", s.Template),
     ("attributes[]", s.Attribute),
     ("attributes[].target", s.Target),
     ("attributes[].head", s.HeadSpec),
@@ -47,11 +48,13 @@ def _type_name(annotation: Any) -> str:
     if origin is typing.Annotated:
         return _type_name(args[0])
     if origin in (typing.Union, types.UnionType):
-        if all(isinstance(a, type) and issubclass(a, BaseModel) for a in args):
-            return "mapping (by `kind`)"
-        return " or ".join(_type_name(a) for a in args if a is not type(None)) + (
-            " or null" if type(None) in args else ""
-        )
+        some = [_unannotated(a) for a in args if a is not type(None)]
+        null = " or null" if type(None) in args else ""
+        if len(some) == 1:  # X | None, where X is itself a union (an oracle spec)
+            return _type_name(some[0]) + null
+        if all(isinstance(a, type) and issubclass(a, BaseModel) for a in some):
+            return "mapping (by `kind`)" + null
+        return " or ".join(dict.fromkeys(_type_name(a) for a in some)) + null
     if origin in (list, dict):
         return f"{origin.__name__}[{', '.join(_type_name(a) for a in args)}]"
     if isinstance(annotation, type):
@@ -59,6 +62,12 @@ def _type_name(annotation: Any) -> str:
             return "mapping"
         return annotation.__name__
     return str(annotation).replace("typing.", "")
+
+
+def _unannotated(annotation: Any) -> Any:
+    while typing.get_origin(annotation) is typing.Annotated:
+        annotation = typing.get_args(annotation)[0]
+    return annotation
 
 
 def _default(info) -> str:

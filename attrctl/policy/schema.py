@@ -66,7 +66,156 @@ class _SourceBase(StrictModel):
     _check_domain = field_validator("domain")(classmethod(lambda cls, v: check_name(v)))
 
 
-class FileSource(_SourceBase):
+class Template(StrictModel):
+    """Turn labelled rows into training text for a classification task (the paper's Jigsaw
+    fine-tune): `format` with the row's fields filled in, ending in the label's words.
+
+    A row's text is `format` with every `{field}` replaced by that field of the row (synth rows
+    also have `text` = prompt + continuation) and `{label}` by `label_words[label]`, which must
+    close the format. Those label tokens are marked: `finetune.objective: classify` trains on them
+    alone, every other objective on the whole text (the paper's "LLM loss"). Rows are split into
+    train and test by a hash of `split_by`, the same for every policy and seed; training reads the
+    train rows, `attrctl eval` scores the test rows' ROC-AUC (score: log-odds of the positive
+    label's words)."""
+
+    format: str = Field(
+        ...,
+        description='The text of a row, e.g. `"Comment: {text}\\nToxic:{label}"`: `{name}` is the '
+        "row's field `name`; `{label}` (once, at the end) the label's words. `{{` and `}}` are "
+        "literal braces.",
+    )
+    label_field: str = Field(
+        "label",
+        description="The row's field holding the label; its values (as text: 1, true, toxic) are "
+        "`label_words`' keys. Ignored when `label_oracle` labels the rows.",
+    )
+    label_words: dict[str, str] = Field(
+        ...,
+        min_length=2,
+        description='Label value → the words the model learns to write for it, e.g. `{"0": " '
+        'no", "1": " yes"}` (a leading space makes them one word after `Toxic:`).',
+    )
+    positive: str | None = Field(
+        None,
+        description="The label value ROC-AUC treats as positive; default: the last of "
+        "`label_words`.",
+    )
+    label_oracle: OracleSpec | None = Field(
+        None,
+        description="Label every row with this oracle instead of `label_field`: label `1` when "
+        "its score of the field `label_text` is ≥ `label_threshold`, else `0` (`label_words` then "
+        "has keys `0` and `1`). How attrctl builds a labelled set offline: judge-labelled "
+        "continuations.",
+    )
+    label_text: str = Field("text", description="The field `label_oracle` scores.")
+    label_threshold: float = Field(
+        0.5, gt=0, lt=1, description="The `label_oracle` score at and above which a row is `1`."
+    )
+    split_by: str | None = Field(
+        None,
+        description="Rows with the same value of this field land on the same side of the "
+        "train/test split (e.g. `prompt`, so no test text continues a training prompt); null: "
+        "each row on its own.",
+    )
+    test_share: float = Field(
+        0.25,
+        ge=0,
+        lt=1,
+        description="Share of the split groups held out for `attrctl eval`'s ROC-AUC; 0 trains on "
+        "every row.",
+    )
+
+    @field_validator("label_words", mode="before")
+    @classmethod
+    def _label_keys(cls, v):  # YAML reads `{0: " no", 1: " yes"}` with int keys
+        return {label_key(k): w for k, w in v.items()} if isinstance(v, dict) else v
+
+    @field_validator("positive", mode="before")
+    @classmethod
+    def _positive_key(cls, v):
+        return None if v is None else label_key(v)
+
+    @model_validator(mode="after")
+    def _check_template(self):
+        fields = template_fields(self.format)  # ValueError on a malformed format
+        if fields.count("label") != 1 or not self.format.endswith("{label}"):
+            raise ValueError(
+                f"template.format {self.format!r} must end with `{{label}}`, once: the label's "
+                "words close the text, so the tokens before them are what the label is read from"
+            )
+        if self.label_oracle is not None and set(self.label_words) != {"0", "1"}:
+            raise ValueError(
+                "template.label_words: with label_oracle the labels are 0 and 1; give words for "
+                f"exactly those (got keys {', '.join(map(repr, self.label_words))})"
+            )
+        if self.positive is not None and self.positive not in self.label_words:
+            raise ValueError(
+                f"template.positive {self.positive!r} is not a key of label_words "
+                f"({', '.join(map(repr, self.label_words))})"
+            )
+        empty = [k for k, w in self.label_words.items() if not w.strip()]
+        if empty:
+            raise ValueError(f"template.label_words: the words of {empty[0]!r} are empty")
+        return self
+
+    @property
+    def positive_label(self) -> str:
+        """The label ROC-AUC counts as positive."""
+        return self.positive if self.positive is not None else list(self.label_words)[-1]
+
+
+def label_key(value) -> str:
+    """A label value as the text `label_words` is keyed by: ``1``, ``1.0`` and ``"1"`` → ``"1"``;
+    ``True`` → ``"true"``; text stripped.
+
+    Raises:
+        ValueError: a value that is not a label (a list, a mapping, a fractional number, null).
+    """
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, str) and value.strip():
+        return value.strip()
+    raise ValueError(f"{value!r} is not a label value (text or a whole number)")
+
+
+def template_fields(fmt: str) -> list[str]:
+    """The ``{field}`` names of a template format, in order (``label`` included).
+
+    Raises:
+        ValueError: unbalanced braces, a positional ``{}``, or a conversion / format spec.
+    """
+    import string
+
+    names = []
+    try:
+        parsed = list(string.Formatter().parse(fmt))
+    except ValueError as err:
+        raise ValueError(f"template.format {fmt!r}: {err}") from None
+    for _, name, spec, conversion in parsed:
+        if name is None:
+            continue
+        if not name.isidentifier() or spec or conversion:
+            raise ValueError(
+                f"template.format {fmt!r}: {{{name}{'!' + conversion if conversion else ''}"
+                f"{':' + spec if spec else ''}}} is not a field; write `{{name}}` with a field name"
+            )
+        names.append(name)
+    return names
+
+
+class _Templated(StrictModel):
+    template: Template | None = Field(
+        None,
+        description="Build each example from a labelled row through a template (classification "
+        "fine-tuning; see `Template`); null: the row's text as it is.",
+    )
+
+
+class FileSource(_Templated, _SourceBase):
     """A local file: jsonl, csv, txt (one example per blank-line-separated paragraph) or parquet."""
 
     kind: Literal["file"] = "file"
@@ -79,7 +228,7 @@ class FileSource(_SourceBase):
     )
 
 
-class HubSource(_SourceBase):
+class HubSource(_Templated, _SourceBase):
     """A dataset from the Hugging Face hub (needs internet) through `datasets.load_dataset`."""
 
     kind: Literal["hub"] = "hub"
@@ -137,7 +286,7 @@ def _check_prompt_sets(v: list[str], info: ValidationInfo) -> list[str]:
     return out
 
 
-class SynthSource(_PromptSampling, _SourceBase):
+class SynthSource(_Templated, _PromptSampling, _SourceBase):
     """Continuations of prompt sets sampled from the policy's base model and labelled by the
     attributes' oracles (`attrctl data synth`), the way the paper builds toxic-domain data."""
 
@@ -351,7 +500,7 @@ class RLSettings(StrictModel):
 class FineTune(StrictModel):
     """The regularized fine-tuning of the base model (or one of the paper's baselines)."""
 
-    objective: Literal["regularized", "sft", "filter", "rl"] = Field(
+    objective: Literal["regularized", "sft", "filter", "rl", "classify"] = Field(
         "regularized",
         description="What the fine-tune job optimizes. `regularized`: CE + λ_d · KL(sg[q] ‖ p) "
         "with the fitted heads (the method). The paper's baselines, on the same mixture, steps, "
@@ -359,8 +508,9 @@ class FineTune(StrictModel):
         "λ is ignored; `filter`: as `sft` after dropping the rows of `synth` data sources that "
         "any attribute's oracle flags (score ≥ its `target.max_violation`; other sources carry "
         "no scores and are used whole); `rl`: TRL's GRPOTrainer on the regularizer prompts with "
-        "the oracles as reward (`finetune.rl`). Every objective samples S_0 from the base model "
-        "and S_I from the trained one.",
+        "the oracles as reward (`finetune.rl`); `classify`: as `sft` with the CE on the label "
+        "words of templated sources only (every source needs a `template`). Every objective "
+        "samples S_0 from the base model and S_I from the trained one.",
     )
     rl: RLSettings = Field(
         default_factory=RLSettings, description="Settings of the `rl` objective."
@@ -537,6 +687,14 @@ class Policy(StrictModel):
                 f"regularization.per_domain: domain(s) {', '.join(map(repr, unknown))} appear in "
                 f"no data source; domains in `data`: {', '.join(domains)}"
             )
+        if self.finetune.objective == "classify":
+            plain = [i for i, s in enumerate(self.data) if getattr(s, "template", None) is None]
+            if plain:
+                raise ValueError(
+                    f"finetune.objective classify trains on label words, and data.{plain[0]} has "
+                    "no `template` to mark them; give every source a template, or use objective "
+                    "sft for the whole text"
+                )
         sched = self.schedule
         # parallel: fit R_i on S_{i−2}, fine-tune θ_i with R_{i−1}
         if (

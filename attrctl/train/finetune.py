@@ -11,7 +11,8 @@ One loop, top to bottom. Per step and micro-batch:
 
 λ per token comes from the domain of the example the token belongs to (adaptive regularization).
 The ``sft`` and ``filter`` baselines (``finetune.objective``) run this same loop with no heads and
-λ = 0: the loss is then the plain fused CE.
+λ = 0: the loss is then the plain fused CE; ``classify`` is ``sft`` with the CE taken on the
+label words of templated examples alone (:mod:`attrctl.data.template`).
 Every ``checkpoint_every`` steps the trainable weights, optimizer, RNG and data position are saved
 atomically; a killed run restarts from there and reaches bitwise the same weights, because every
 input of a step — weights, optimizer state, the data stream position, the heads — is restored
@@ -28,6 +29,7 @@ from typing import Any
 
 import torch
 
+from attrctl.data.mixture import IGNORE_INDEX
 from attrctl.errors import AttrctlError, Interrupted
 from attrctl.faults import fault
 from attrctl.heads import forward_with_tap, head_taps
@@ -201,7 +203,11 @@ def finetune_job(ctx: TrainContext, i: int, heads_index: int | None) -> dict[str
         for _ in range(ft.grad_accum):
             batch = next(batches)
             ids = batch["input_ids"][ctx.rank :: ctx.world].to(device)  # [B/W, T] this rank's share
-            labels = batch["labels"][ctx.rank :: ctx.world, 1:].reshape(-1).to(device)  # [N]
+            labels = batch["labels"][ctx.rank :: ctx.world, 1:]  # [B/W, T-1]
+            if ft.objective == "classify":  # CE on the label words of templated examples only
+                keep = batch["label_mask"][ctx.rank :: ctx.world, 1:]
+                labels = labels.masked_fill(~keep, IGNORE_INDEX)
+            labels = labels.reshape(-1).to(device)  # [N]
             dom = batch["domain_ids"][ctx.rank :: ctx.world, 1:].reshape(-1)  # [N]
             lam = lam_of_domain[dom].to(device)  # [N] λ_t = λ of the token's domain
             out, reg_heads = micro_step(
