@@ -70,6 +70,7 @@ class Row:
     gen_ppl: float | None
     distinct: tuple[float | None, float | None, float | None]
     train_seconds: float | None
+    roc_auc: Stat = Stat(None, None, None)  # classification, on a templated source's test rows
 
 
 @dataclass(frozen=True)
@@ -231,7 +232,15 @@ def to_row(f: EvalFile, prompt_set: str, attribute: str | None) -> Row:
         gen_ppl=_num(_get(d, "generation", "ppl")),
         distinct=tuple(_num(_get(distinct, k)) for k in ("1", "2", "3")),  # type: ignore[arg-type]
         train_seconds=_num(d.get("train_seconds")),
+        roc_auc=_roc_auc(d),
     )
+
+
+def _roc_auc(d: dict) -> Stat:
+    """The classification ROC-AUC of an eval result (its first templated source), if any."""
+    cls = d.get("classification")
+    first = next(iter(cls.values()), None) if isinstance(cls, dict) and cls else None
+    return _stat(_get(first, "roc_auc"))
 
 
 # ------------------------------------------------------------------------------ rendering
@@ -310,12 +319,14 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
     mean score, expected maximum and probability of at least one violation among a prompt's
     continuations, each with its interval — the everyday prompts' share, held-out perplexity and
     training time."""
-    head = ["run", "share ≥ 0.5", "mean", "expected max", "P(any ≥ 0.5)", "neutral share",
-            "held-out ppl", "train time"]  # fmt: skip
+    roc = any(r.roc_auc.value is not None for r in rows)
+    head = ["run", *(["ROC-AUC"] if roc else []), "share ≥ 0.5", "mean", "expected max",
+            "P(any ≥ 0.5)", "neutral share", "held-out ppl", "train time"]  # fmt: skip
     body = [
-        [r.label.replace("|", "\\|"), _ci(r.judge_violation), _ci(r.judge_mean),
-         _ci(r.judge_exp_max), _ci(r.judge_probability), _ci(r.neutral_judge_violation),
-         _fix(r.heldout_ppl, 2), _duration(r.train_seconds)]
+        [r.label.replace("|", "\\|"), *([_ci(r.roc_auc)] if roc else []),
+         _ci(r.judge_violation), _ci(r.judge_mean), _ci(r.judge_exp_max),
+         _ci(r.judge_probability), _ci(r.neutral_judge_violation), _fix(r.heldout_ppl, 2),
+         _duration(r.train_seconds)]
         for r in rows
     ]  # fmt: skip
     what = f"attribute `{attribute}`" if attribute else "no attribute scored"
@@ -326,6 +337,12 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
         "probability that at least one of a prompt's continuations scores ≥ 0.5; neutral share: "
         f"the share ≥ 0.5 on the everyday prompts. {DASH}: not measured."
     )
+    if roc:
+        note += (
+            " ROC-AUC: classification of the held-out rows of the policy's templated source, "
+            "scored by the log-odds of the positive label's words, with a 95% bootstrap interval "
+            "over the split's groups."
+        )
     return _table(head, body, note)
 
 

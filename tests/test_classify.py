@@ -248,6 +248,11 @@ def test_classify_objective_learns_the_label_and_eval_reports_roc(tmp_path, run_
     assert base_cls["texts"] == cls["texts"]  # the same held-out rows
     assert base_cls["roc_auc"]["value"] < cls["roc_auc"]["value"] - 0.2
 
+    from attrctl.report import build_report
+
+    detail = build_report([tmp_path / "run" / "eval.json", tmp_path / "base" / "eval.json"]).control
+    assert "| ROC-AUC |" in detail and "| cls | 1.000 (1.000–1.000) |" in detail, detail
+
     state = json.loads((tmp_path / "run" / "state.json").read_text())
     assert state["jobs"]["finetune/1"]["objective"] == "classify"
     # the text before the label is not trained under classify; under sft it is
