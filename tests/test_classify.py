@@ -277,3 +277,32 @@ def _prefix_ce(run: Path, rows: list[dict]) -> float:
             total += float(loaded.model(ids, labels=ids).loss)
         n += 1
     return total / n
+
+
+# ------------------------------------------------------------------------- shipped policies
+CLS_POLICIES = ("toxicity_cls", "toxicity_cls_sft", "toxicity_cls_classify")
+
+
+@pytest.mark.parametrize("name", CLS_POLICIES)
+def test_classification_policies_read_the_default_runs_rows(name):
+    """Each classification row templates the default run's synthesized rows: the settings its
+    synth source would write rows with are those rows' (else training refuses the file)."""
+    from attrctl.data.synth_file import row_settings
+
+    default, policy = load_policy("toxicity"), load_policy(name)
+    assert policy.data[0].path == "runs/toxicity/data/synth.jsonl"
+    assert row_settings(policy, policy.data[0]) == row_settings(default, default.data[0])
+
+
+def test_classification_rows_differ_only_in_their_objective():
+    from attrctl.policy.show import resolved_dict
+
+    rows = {n: resolved_dict(load_policy(n)) for n in CLS_POLICIES}
+    objectives = {}
+    for name, d in rows.items():
+        for key in ("name", "description"):
+            d.pop(key)
+        objectives[name] = d["finetune"].pop("objective")
+    assert objectives == {"toxicity_cls": "regularized", "toxicity_cls_sft": "sft",
+                          "toxicity_cls_classify": "classify"}  # fmt: skip
+    assert rows["toxicity_cls"] == rows["toxicity_cls_sft"] == rows["toxicity_cls_classify"]
