@@ -306,3 +306,12 @@ def test_classification_rows_differ_only_in_their_objective():
     assert objectives == {"toxicity_cls": "regularized", "toxicity_cls_sft": "sft",
                           "toxicity_cls_classify": "classify"}  # fmt: skip
     assert rows["toxicity_cls"] == rows["toxicity_cls_sft"] == rows["toxicity_cls_classify"]
+
+
+def test_eval_checks_the_templated_rows_before_sampling(tmp_path, run_cli):
+    """A templated source whose rows are bad fails `attrctl eval` up front, naming the file."""
+    path = write_policy(tmp_path, [*labelled_rows(6), {"text": "x", "label": 7, "topic": "t9"}])
+    code, _, err = run_cli("eval", "tiny-random", "--policy", path, "-k", "1",
+                           "--prompts", tmp_path / "prompts.txt", "-o", tmp_path / "out")  # fmt: skip
+    assert code != 0 and "rows.jsonl: row 7: label 7 in field 'label' has no words" in err
+    assert not (tmp_path / "out").exists()

@@ -14,6 +14,7 @@ that is its zero-shot ROC.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -24,24 +25,52 @@ from attrctl.sampling import bos_prefix, encode_text
 BATCH = 32
 
 
-def classification_results(
-    model: Any, tokenizer: Any, policy: Any, *, seed: int, resamples: int, bar: Any = None
-) -> dict[str, dict[str, Any]] | None:
-    """``{source label: result}`` for every templated source with held-out rows, else None.
+@dataclass(frozen=True)
+class HeldoutSet:
+    """One templated source's held-out rows, ready to score."""
 
-    A result is ``{"roc_auc": {"value", "ci": [lo, hi]}, "texts", "positives", "groups",
-    "positive_label", "label_words"}``.
+    source: str
+    template: Any
+    rows: list[Any]  # attrctl.data.template.LabelledText
+
+
+def heldout_sets(policy: Any) -> list[HeldoutSet]:
+    """The held-out rows of every templated source of ``policy`` that has some (read, templated
+    and labelled now, so a missing or malformed source fails before any sampling).
+
+    Raises:
+        AttrctlError: a templated source that cannot be read.
     """
     from attrctl.data.sources import heldout_labelled
 
-    out = {}
+    out = []
     for source in policy.data:
         template = getattr(source, "template", None)
         if template is None or template.test_share == 0:
             continue
         label, rows = heldout_labelled(source, policy)
-        if not rows:
-            continue
+        if rows:
+            out.append(HeldoutSet(label, template, rows))
+    return out
+
+
+def classification_results(
+    model: Any,
+    tokenizer: Any,
+    sets: Sequence[HeldoutSet],
+    *,
+    seed: int,
+    resamples: int,
+    bar: Any = None,
+) -> dict[str, dict[str, Any]] | None:
+    """``{source label: result}`` for every held-out set (:func:`heldout_sets`), else None.
+
+    A result is ``{"roc_auc": {"value", "ci": [lo, hi]}, "texts", "positives", "groups",
+    "positive_label", "label_words"}``.
+    """
+    out = {}
+    for s in sets:
+        template, rows = s.template, s.rows
         scores = label_log_odds(
             model, tokenizer, [r.prefix for r in rows], template.label_words,
             template.positive_label, bar=bar,
@@ -49,7 +78,7 @@ def classification_results(
         positive = np.array([r.label == template.positive_label for r in rows])
         groups = [r.group for r in rows]
         value, ci = roc_auc_ci(scores, positive, groups, seed=seed, resamples=resamples)
-        out[label] = {
+        out[s.source] = {
             "roc_auc": {"value": value, "ci": ci},
             "texts": len(rows),
             "positives": int(positive.sum()),

@@ -171,7 +171,7 @@ def evaluate(
     Returns:
         The ``eval.json`` content (schema in ``attrctl/eval/__init__.py``).
     """
-    from attrctl.eval import control, quality, utility
+    from attrctl.eval import classify, control, quality, utility
     from attrctl.models import load_model
     from attrctl.policy import compile_policy
 
@@ -198,6 +198,7 @@ def evaluate(
         notes += [why] if why else []
     heldout_texts = _heldout_texts(settings, notes)
     tasks = _mc_tasks(settings, notes)
+    cls_sets = classify.heldout_sets(policy)  # templated sources' held-out rows (classification)
 
     # ---- attribute control
     n_rows = sum(len(s.prompts) for s in sets) * settings.k
@@ -235,12 +236,10 @@ def evaluate(
         bar.close()
 
     # ---- classification ROC-AUC on the held-out rows of templated sources, if the policy has any
-    from attrctl.eval.classify import classification_results
-
-    n_cls = _heldout_rows(policy)
+    n_cls = sum(len(s.rows) for s in cls_sets)
     bar = _bar(progress, "classification", n_cls, "row") if n_cls else None
-    classification = classification_results(
-        model, tok, policy, seed=seed, resamples=settings.resamples, bar=bar
+    classification = classify.classification_results(
+        model, tok, cls_sets, seed=seed, resamples=settings.resamples, bar=bar
     )
     if bar is not None:
         bar.close()
@@ -285,14 +284,6 @@ def evaluate(
         "attrctl_version": __version__,
         "notes": notes,
     }
-
-
-def _heldout_rows(policy: Any) -> int:
-    """How many held-out rows the policy's templated sources have (0: no classification)."""
-    from attrctl.data.sources import heldout_labelled
-
-    return sum(len(heldout_labelled(s, policy)[1]) for s in policy.data
-               if getattr(s, "template", None) is not None)  # fmt: skip
 
 
 def _heldout_texts(settings: EvalSettings, notes: list[str]) -> list[str]:
