@@ -308,8 +308,8 @@ def test_classification_rows_differ_only_in_their_objective():
     assert rows["toxicity_cls"] == rows["toxicity_cls_sft"] == rows["toxicity_cls_classify"]
 
 
-def test_eval_checks_the_templated_rows_before_sampling(tmp_path, run_cli):
-    """A templated source whose rows are bad fails `attrctl eval` up front, naming the file."""
+def test_eval_refuses_a_templated_source_with_a_bad_row(tmp_path, run_cli):
+    """A templated source with a bad row fails `attrctl eval`, naming file and row; nothing written."""
     path = write_policy(tmp_path, [*labelled_rows(6), {"text": "x", "label": 7, "topic": "t9"}])
     code, _, err = run_cli("eval", "tiny-random", "--policy", path, "-k", "1",
                            "--prompts", tmp_path / "prompts.txt", "-o", tmp_path / "out")  # fmt: skip
