@@ -91,6 +91,7 @@ def test_yaml_int_label_keys_and_labels_of_any_spelling_are_one_label():
     [
         ({"format": "{text} {label} done"}, "must end with `{label}`"),
         ({"format": "{text}"}, "must end with `{label}`"),
+        ({"format": "{label}"}, "must end with `{label}`, once, after some text"),
         ({"format": "{0}{label}"}, "is not a field"),
         ({"format": "{text{label}"}, "template.format"),
         ({"format": "{text}{label}", "positive": "2"}, "is not a key of label_words"),
@@ -193,11 +194,11 @@ def test_label_log_odds_match_the_model_likelihood_of_each_label():
 
     loaded = load_model("tiny-random")
     model, tok = loaded.model, loaded.tokenizer
-    prefixes = ["Comment: hello there\nToxic:", "Comment: x\nToxic:"]
+    prefixes = ["Comment: hello there\nToxic:", "Comment: x\nToxic:", ""]
     got = label_log_odds(model, tok, prefixes, {"0": " no", "1": " yes sir"}, "1")
 
     def logp(prefix, words):  # the whole sequence's log-likelihood, words' part only
-        head = tok(prefix, add_special_tokens=False)["input_ids"]
+        head = tok(prefix, add_special_tokens=False)["input_ids"] or [tok.bos_token_id]
         tail = tok(words, add_special_tokens=False)["input_ids"]
         ids = torch.tensor([head + tail])
         with torch.no_grad():

@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from attrctl.sampling import bos_prefix, encode_text
+from attrctl.sampling import prompt_token_ids
 
 BATCH = 32
 
@@ -101,13 +101,12 @@ def label_log_odds(
 ) -> np.ndarray:
     """The log-odds of ``positive``'s words after each prefix (see the module docstring)."""
     device = next(model.parameters()).device
-    bos = bos_prefix(tokenizer)
     words = {k: list(tokenizer(w, add_special_tokens=False)["input_ids"])
              for k, w in label_words.items()}  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     logp = {k: [] for k in words}
     for b in range(0, len(prefixes), BATCH):
-        heads = [encode_text(tokenizer, p, bos=bos) for p in prefixes[b : b + BATCH]]
+        heads = prompt_token_ids(tokenizer, prefixes[b : b + BATCH])  # an empty one: BOS/EOS
         for k, w in words.items():
             seqs = [h + w for h in heads]
             width = max(map(len, seqs))

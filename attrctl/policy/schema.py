@@ -138,10 +138,12 @@ class Template(StrictModel):
     @model_validator(mode="after")
     def _check_template(self):
         fields = template_fields(self.format)  # ValueError on a malformed format
-        if fields.count("label") != 1 or not self.format.endswith("{label}"):
+        if (fields.count("label") != 1 or not self.format.endswith("{label}")
+                or self.format == "{label}"):  # fmt: skip
             raise ValueError(
-                f"template.format {self.format!r} must end with `{{label}}`, once: the label's "
-                "words close the text, so the tokens before them are what the label is read from"
+                f"template.format {self.format!r} must end with `{{label}}`, once, after some "
+                "text: the label's words close the text, and the tokens before them are what the "
+                "label is read from"
             )
         if self.label_oracle is not None and set(self.label_words) != {"0", "1"}:
             raise ValueError(
