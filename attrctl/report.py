@@ -339,7 +339,7 @@ def control_table(rows: Sequence[Row], prompt_set: str, attribute: str | None) -
     )
     if roc:
         note += (
-            " ROC-AUC: classification of the held-out rows of the policy's templated source, "
+            " ROC-AUC: classification of the held-out rows of the policy's (first) templated source, "
             "scored by the log-odds of the positive label's words, with a 95% bootstrap interval "
             "over the split's groups."
         )

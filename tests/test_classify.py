@@ -95,6 +95,8 @@ def test_yaml_int_label_keys_and_labels_of_any_spelling_are_one_label():
         ({"format": "{0}{label}"}, "is not a field"),
         ({"format": "{text{label}"}, "template.format"),
         ({"format": "{text}{label}", "positive": "2"}, "is not a key of label_words"),
+        ({"format": "{text}{label}", "label_words": {"ok": "a", "bad": "b"}},
+         "say which label ROC-AUC counts as positive"),
         ({"format": "{text}{label}", "label_words": {"0": " ", "1": "x"}}, "are empty"),
         ({"format": "{text}{label}", "label_oracle": {"kind": "profanity_check"},
           "label_words": {"no": "n", "yes": "y"}}, "labels are 0 and 1"),
@@ -172,34 +174,53 @@ def test_synth_rows_can_be_labelled_by_an_oracle(tmp_path):
 
 
 # ------------------------------------------------------------------------------ the label mask
-def test_the_collator_marks_exactly_the_label_words():
+def test_the_collator_gives_a_labelled_example_a_row_of_its_own():
+    """Label words are marked; a templated example starts a row, is padded after, and a long one
+    is cut from the left, so its label tokens are trained from its own text only."""
+    from attrctl.data.mixture import labelled_ids
     from attrctl.data.sources import Example
     from attrctl.models import load_model
 
     tok = load_model("tiny-random").tokenizer
     coll = PackingCollator(tok, seq_len=16, domains=["c"])
-    batch = coll([Example("Comment: hi\nToxic: yes", "c", label=" yes"),
-                  Example("plain text", "c"),
-                  Example("Comment: bye\nToxic: no", "c", label=" no")])  # fmt: skip
-    marked = batch["input_ids"][batch["label_mask"]].tolist()
-    words = tok(" yes", add_special_tokens=False)["input_ids"]
-    words += tok(" no", add_special_tokens=False)["input_ids"]
-    assert marked == words
-    assert not batch["label_mask"][batch["labels"] == IGNORE_INDEX].any()
+    long = "Comment: " + "very " * 30 + "long\nToxic: yes"
+    batch = coll([Example("plain text", "c"),
+                  Example("Comment: hi\nToxic: yes", "c", label=" yes"),
+                  Example("more plain", "c"),
+                  Example(long, "c", label=" yes")])  # fmt: skip
+    ids, real, marks = batch["input_ids"], batch["labels"] != IGNORE_INDEX, batch["label_mask"]
+    yes = tok(" yes", add_special_tokens=False)["input_ids"]
+    assert ids.shape[0] == 4  # plain | labelled, padded | plain | long labelled, cut to 16
+    for row in (1, 3):  # the labelled rows: text, label words, eos, then padding only
+        n = int(real[row].sum())
+        assert real[row, :n].all() and not real[row, n:].any()
+        assert ids[row, n - 1] == tok.eos_token_id
+        assert ids[row, n - 1 - len(yes) : n - 1].tolist() == yes
+        assert marks[row].nonzero().flatten().tolist() == list(range(n - 1 - len(yes), n - 1))
+    assert not real[0, int(real[0].sum()) :].any()  # the plain row before was closed
+    assert int(real[3].sum()) == 16  # cut from the left to the row
+    want, _ = labelled_ids(tok, long[: -len(" yes")], " yes", 15)
+    assert ids[3, :15].tolist() == want
+    assert not marks[real.logical_not()].any() and not marks[[0, 2]].any()
 
 
 # --------------------------------------------------------------------------- ROC-AUC in eval
-def test_label_log_odds_match_the_model_likelihood_of_each_label():
+@pytest.mark.parametrize("max_len", [63, 6])
+def test_label_log_odds_match_the_model_likelihood_of_each_label(max_len):
+    """The score is log p(words | text) summed over the words' tokens, the text cut from the
+    left to ``max_len`` tokens with the words (as training cuts it)."""
     from attrctl.models import load_model
 
     loaded = load_model("tiny-random")
     model, tok = loaded.model, loaded.tokenizer
-    prefixes = ["Comment: hello there\nToxic:", "Comment: x\nToxic:", ""]
-    got = label_log_odds(model, tok, prefixes, {"0": " no", "1": " yes sir"}, "1")
+    prefixes = ["Comment: hello there, how are you today\nToxic:", "Comment: x\nToxic:", ""]
+    got = label_log_odds(model, tok, prefixes, {"0": " no", "1": " yes sir"}, "1",
+                         max_len=max_len)  # fmt: skip
 
     def logp(prefix, words):  # the whole sequence's log-likelihood, words' part only
         head = tok(prefix, add_special_tokens=False)["input_ids"] or [tok.bos_token_id]
         tail = tok(words, add_special_tokens=False)["input_ids"]
+        head = head[max(0, len(head) + len(tail) - max_len) :]
         ids = torch.tensor([head + tail])
         with torch.no_grad():
             lp = torch.log_softmax(model(ids).logits[0].float(), -1)
@@ -314,5 +335,38 @@ def test_eval_refuses_a_templated_source_with_a_bad_row(tmp_path, run_cli):
     path = write_policy(tmp_path, [*labelled_rows(6), {"text": "x", "label": 7, "topic": "t9"}])
     code, _, err = run_cli("eval", "tiny-random", "--policy", path, "-k", "1",
                            "--prompts", tmp_path / "prompts.txt", "-o", tmp_path / "out")  # fmt: skip
-    assert code != 0 and "rows.jsonl: row 7: label 7 in field 'label' has no words" in err
+    assert code != 0 and "rows.jsonl: line 7: label 7 in field 'label' has no words" in err
     assert not (tmp_path / "out").exists()
+
+
+def test_text_field_is_refused_beside_a_template(tmp_path):
+    path = write_policy(tmp_path, labelled_rows(6))
+    policy = json.loads(path.read_text())
+    policy["data"][0]["text_field"] = "body"
+    path.write_text(json.dumps(policy))
+    with pytest.raises(AttrctlError, match="text_field is not read when a template"):
+        load_policy(path)
+
+
+def test_the_held_out_rows_do_not_depend_on_the_objective_or_on_dropped_rows(tmp_path):
+    """The filter objective drops flagged synth rows from training, not from the test split; and
+    without split_by a row's side is a function of its content, not of its position."""
+    rows = [{"prompt": f"p{i} ", "continuation": c, "prompt_set": "toxic", "prompt_index": i,
+             "sample": 0, "scores": {"toxicity": s}}
+            for i, (c, s) in enumerate([("idiot", 0.9), ("nice", 0.1)] * 20)]  # fmt: skip
+    (tmp_path / "synth.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    path = write_policy(tmp_path, labelled_rows(6))
+    policy = json.loads(path.read_text())
+    policy["data"] = [{"kind": "synth", "path": str(tmp_path / "synth.jsonl"), "domain": "c",
+                       "prompts": ["prompts.txt"],
+                       "template": {"format": FORMAT, "label_words": WORDS, "test_share": 0.3,
+                                    "label_oracle": {"kind": "lexicon", "words": ["idiot"]}}}]  # fmt: skip
+    held = {}
+    for objective in ("sft", "filter"):
+        policy["finetune"]["objective"] = objective
+        path.write_text(json.dumps(policy))
+        loaded = load_policy(path)
+        held[objective] = heldout_labelled(loaded.data[0], loaded)[1]
+        train = load_source(loaded.data[0], loaded)
+        assert (objective == "filter") == all(e.label == " no" for e in train)
+    assert held["sft"] == held["filter"] and {t.label for t in held["sft"]} == {"0", "1"}

@@ -13,6 +13,10 @@ of ``seq_len``, so no compute is spent on padding; every token carries the id of
 the example it came from, which is what adaptive regularization needs (λ per token =
 ``mixture.lambdas[domain_ids]``). Packed examples attend to their predecessors in the row, as in
 GPT-style pretraining; the eos between them marks the boundary.
+
+A templated example (classification text, :mod:`attrctl.data.template`) is the exception: it
+gets a row of its own, padded after it and cut from the left to fit (:func:`labelled_ids`), so
+its label is learnt from its own text exactly as ``attrctl eval`` scores it.
 """
 
 from __future__ import annotations
@@ -184,18 +188,14 @@ class PackingCollator:
 
     def _encode(self, example: Example) -> tuple[list[int], int, int]:
         """The example's ids (eos last), its domain id, and how many of the ids before the eos
-        are its label words (0 unless templated)."""
+        are its label words (0 unless templated; see :func:`labelled_ids`)."""
         eos, dom = self.tokenizer.eos_token_id, self.domains.index(example.domain)
         if not example.label:
             ids = encode_text(self.tokenizer, example.text, bos=self._bos, **self._quiet)
             return [*ids, eos], dom, 0
-        # the label words are encoded as a continuation of the text before them, the way
-        # attrctl eval scores them (attrctl.eval.classify), so their tokens are exactly these
         head = example.text[: len(example.text) - len(example.label)]
-        ids = encode_text(self.tokenizer, head, bos=self._bos, **self._quiet)
-        words = list(self.tokenizer(example.label, add_special_tokens=False, **self._quiet)
-                     ["input_ids"])  # fmt: skip
-        return [*ids, *words, eos], dom, len(words)
+        ids, n_words = labelled_ids(self.tokenizer, head, example.label, self.seq_len - 1)
+        return [*ids, eos], dom, n_words
 
     def __call__(self, examples: Iterable[Example]) -> dict[str, Any]:
         """Pack a finite list of examples into as many rows as they need (last row padded).
@@ -204,24 +204,31 @@ class PackingCollator:
             ``input_ids`` ``[R, T]`` long, ``labels`` ``[R, T]`` long (``-100`` on padding; the
             model shifts them), ``attention_mask`` ``[R, T]`` long, ``domain_ids`` ``[R, T]``
             long (per token; padding carries the row's last domain, masked out by ``labels``),
-            ``label_mask`` ``[R, T]`` bool (the label words of templated examples).
+            ``label_mask`` ``[R, T]`` bool (the label words of templated examples; only
+            ``finetune.objective: classify`` reads it).
         """
-        ids: list[int] = []
-        doms: list[int] = []
-        marks: list[bool] = []
+        stream = _Stream()
         for example in examples:
-            self._add(example, ids, doms, marks)
-        if not ids:
+            self._add(example, stream)
+        if not stream.ids:
             raise ValueError("no examples to collate")
-        rows = -(-len(ids) // self.seq_len)
-        return self._tensors(ids, doms, marks, rows)
+        rows = -(-len(stream.ids) // self.seq_len)
+        return self._tensors(stream, len(stream.ids), rows)
 
-    def _add(self, example: Example, ids: list[int], doms: list[int], marks: list[bool]) -> None:
+    def _add(self, example: Example, stream: _Stream) -> None:
+        """Append an example. A templated one gets a row of its own, from its first position,
+        padded after it: its label is read from its own text alone, as ``attrctl eval`` scores
+        it, never from a packed predecessor, and never split across rows."""
         toks, dom, n_label = self._encode(example)
-        ids.extend(toks)
-        doms.extend([dom] * len(toks))
+        if n_label:
+            stream.pad(-len(stream.ids) % self.seq_len, self.pad_id)
+        stream.ids.extend(toks)
+        stream.doms.extend([dom] * len(toks))
         start = len(toks) - 1 - n_label  # the label words sit just before the eos
-        marks.extend(start <= j < len(toks) - 1 for j in range(len(toks)))
+        stream.marks.extend(start <= j < len(toks) - 1 for j in range(len(toks)))
+        stream.real.extend([True] * len(toks))
+        if n_label:
+            stream.pad(-len(stream.ids) % self.seq_len, self.pad_id)
 
     def stream(
         self, examples: Iterator[Example], batch_size: int, skip: int = 0
@@ -229,33 +236,76 @@ class PackingCollator:
         """Endless ``[batch_size, seq_len]`` batches from an example stream; a long example
         continues into the next row (and batch). ``skip`` drops that many leading batches."""
         need = batch_size * self.seq_len
-        ids: list[int] = []
-        doms: list[int] = []
-        marks: list[bool] = []
+        stream = _Stream()
         n = 0
         for example in examples:
-            self._add(example, ids, doms, marks)
-            while len(ids) >= need:
+            self._add(example, stream)
+            while len(stream.ids) >= need:
                 if n >= skip:
-                    yield self._tensors(ids[:need], doms[:need], marks[:need], batch_size)
-                del ids[:need], doms[:need], marks[:need]
+                    yield self._tensors(stream, need, batch_size)
+                stream.drop(need)
                 n += 1
 
-    def _tensors(
-        self, ids: list[int], doms: list[int], marks: list[bool], rows: int
-    ) -> dict[str, Any]:
+    def _tensors(self, stream: _Stream, size: int, rows: int) -> dict[str, Any]:
+        """The first ``size`` tokens of ``stream`` as ``rows`` rows (padded to fill them)."""
         import torch
 
-        size = rows * self.seq_len
-        pad = size - len(ids)
-        last_dom = doms[-1]
-        input_ids = torch.tensor(ids + [self.pad_id] * pad).view(rows, self.seq_len)  # [R, T]
-        real = torch.arange(size).view(rows, self.seq_len) < len(ids)  # [R, T]
+        ids, doms = stream.ids[:size], stream.doms[:size]
+        pad = rows * self.seq_len - len(ids)
+        shape = (rows, self.seq_len)
+        input_ids = torch.tensor(ids + [self.pad_id] * pad).view(shape)  # [R, T]
+        real = torch.tensor(stream.real[:size] + [False] * pad).view(shape)  # [R, T]
         return {
             "input_ids": input_ids,
             "labels": input_ids.masked_fill(~real, IGNORE_INDEX),  # [R, T]
             "attention_mask": real.long(),  # [R, T]
-            "domain_ids": torch.tensor(doms + [last_dom] * pad).view(rows, self.seq_len),
+            "domain_ids": torch.tensor(doms + [doms[-1]] * pad).view(shape),  # [R, T]
             # the label words' tokens of templated examples (what `classify` trains on)
-            "label_mask": torch.tensor(marks + [False] * pad).view(rows, self.seq_len),
+            "label_mask": torch.tensor(stream.marks[:size] + [False] * pad).view(shape),
         }
+
+
+class _Stream:
+    """The packed token stream: ids, their domain ids, label-word marks, and which are real
+    tokens (padding closes a templated example's row)."""
+
+    def __init__(self) -> None:
+        self.ids: list[int] = []
+        self.doms: list[int] = []
+        self.marks: list[bool] = []
+        self.real: list[bool] = []
+
+    def pad(self, n: int, pad_id: int) -> None:
+        if n and self.ids:
+            self.ids += [pad_id] * n
+            self.doms += [self.doms[-1]] * n
+            self.marks += [False] * n
+            self.real += [False] * n
+
+    def drop(self, n: int) -> None:
+        del self.ids[:n], self.doms[:n], self.marks[:n], self.real[:n]
+
+
+def labelled_ids(tokenizer: Any, head: str, words: str, max_len: int) -> tuple[list[int], int]:
+    """The ids of a templated text — the text before the label, then the label words encoded as
+    its continuation — and how many of them are the label words; at most ``max_len`` ids, the
+    text before the label cut from the left to fit. Training (:class:`PackingCollator`) and
+    ``attrctl eval``'s ROC-AUC (:mod:`attrctl.eval.classify`) encode alike through this.
+
+    An empty text before the label starts from BOS (EOS where there is none), as sampling starts
+    an empty prompt (:func:`attrctl.sampling.prompt_token_ids`).
+
+    Raises:
+        AttrctlError: the label words alone do not fit ``max_len`` with one token before them.
+    """
+    from attrctl.errors import AttrctlError
+    from attrctl.sampling import prompt_token_ids
+
+    ids = prompt_token_ids(tokenizer, [head])[0]
+    tail = list(tokenizer(words, add_special_tokens=False)["input_ids"])
+    if len(tail) + 1 > max_len:
+        raise AttrctlError(
+            f"template.label_words: {words!r} is {len(tail)} tokens, too long for sequences of "
+            f"{max_len + 1} with the text before it and an eos; raise finetune.seq_len"
+        )
+    return ids[max(0, len(ids) + len(tail) - max_len) :] + tail, len(tail)

@@ -109,8 +109,9 @@ def _templated(source, policy: Policy) -> tuple[list[Example], int]:
     """A templated source's training rows as examples (:mod:`attrctl.data.template`)."""
     from attrctl.data.template import full_text, labelled_texts, split
 
-    rows, where, dropped = source_rows(source, policy)
-    train, _ = split(labelled_texts(rows, source.template, where), source.template)
+    rows, where, dropped, at = source_rows(source, policy)
+    texts = labelled_texts(rows, source.template, where, locations=at, base_dir=policy.base_dir)
+    train, _ = split(texts, source.template)
     if not train:
         raise AttrctlError(
             f"{where}: no training rows: all {len(rows)} fall in the template's test split "
@@ -128,18 +129,21 @@ def _templated(source, policy: Policy) -> tuple[list[Example], int]:
 
 def heldout_labelled(source, policy: Policy) -> tuple[str, list]:
     """A templated source's label and its test rows (:class:`~attrctl.data.template.LabelledText`),
-    for ``attrctl eval``'s ROC-AUC."""
+    for ``attrctl eval``'s ROC-AUC: the same rows whatever the objective (the ``filter``
+    objective drops flagged rows from training only)."""
     from attrctl.data.template import labelled_texts, split
 
-    rows, where, _ = source_rows(source, policy)
-    return describe_source(source), split(labelled_texts(rows, source.template, where),
-                                          source.template)[1]  # fmt: skip
+    rows, where, _, at = source_rows(source, policy, filtered=False)
+    texts = labelled_texts(rows, source.template, where, locations=at, base_dir=policy.base_dir)
+    return describe_source(source), split(texts, source.template)[1]
 
 
-def source_rows(source, policy: Policy) -> tuple[list[dict], str, int]:
-    """The rows (field → value) of a templated source, where they come from, and how many the
-    ``filter`` objective dropped (synth sources; synth rows also get ``text`` = prompt +
-    continuation).
+def source_rows(
+    source, policy: Policy, *, filtered: bool = True
+) -> tuple[list[dict], str, int, list[str]]:
+    """The rows (field → value) of a templated source, where they come from, how many the
+    ``filter`` objective dropped (synth sources, unless ``filtered`` is False), and where each
+    row is (``line 7``, for messages). Synth rows also get ``text`` = prompt + continuation.
 
     Raises:
         AttrctlError: an unreadable or empty source, or a txt file (no fields to template).
@@ -157,17 +161,21 @@ def source_rows(source, policy: Policy) -> tuple[list[dict], str, int]:
             raise AttrctlError(
                 f"{path}: a template reads fields of rows; use a jsonl, csv or parquet file"
             )
-        rows, where = _read_file_rows(path, source.format, fields), str(path)
+        located = _read_rows(path, _file_format(path, source.format), fields, _TEMPLATE_HINT)
+        at, rows = [w for w, _ in located], [r for _, r in located]
+        where = str(path)
     elif isinstance(source, HubSource):
         rows, where = _read_hub(source, fields)
+        at = [f"row {i}" for i in range(len(rows))]
     elif isinstance(source, SynthSource):
-        rows, where, dropped = _synth_rows(synth_path(source, policy), policy)
+        rows, where, dropped = _synth_rows(synth_path(source, policy), policy, filtered=filtered)
         rows = [{**r, "text": r["prompt"] + r["continuation"]} for r in rows]
+        at = [f"row {i}" for i in range(1, len(rows) + 1)]
     else:
         raise AttrctlError(f"{describe_source(source)}: has no labelled rows to template")
     if not rows:
         raise AttrctlError(f"{where}: empty dataset (no rows)")
-    return rows, where, dropped
+    return rows, where, dropped, at
 
 
 def oracle_flagged(row: dict, policy: Policy) -> bool:
@@ -196,12 +204,7 @@ def _read_file(path: Path, fmt: str, field: str) -> tuple[list[str], str]:
             raise AttrctlError(f"{path}: cannot read txt file: {err}") from None
         return [p.strip() for p in text.replace("\r\n", "\n").split("\n\n")], str(path)
     rows = _read_rows(path, fmt, [field], _TEXT_HINT)
-    return [_text_of(row[field], path, field, where) for where, row in rows], str(path)
-
-
-def _read_file_rows(path: Path, fmt: str, fields: list[str]) -> list[dict]:
-    """Rows of a jsonl / csv / parquet file (parquet: only ``fields``), each having ``fields``."""
-    return [row for _, row in _read_rows(path, _file_format(path, fmt), fields, _TEMPLATE_HINT)]
+    return [_text_of(row[field], path, field, f"on {where}") for where, row in rows], str(path)
 
 
 def _file_format(path: Path, fmt: str) -> str:
@@ -255,7 +258,7 @@ def _text_of(value, path: Path, field: str, where: str) -> str:
     return value
 
 
-def _missing(path: Path, fields: list[str], have, what: str, hint: str) -> str | None:
+def _missing(fields: list[str], have, what: str, hint: str) -> str | None:
     lacking = [f for f in fields if f not in have]
     if not lacking:
         return None
@@ -281,20 +284,20 @@ def _read_jsonl(path: Path, fields: list[str], hint: str) -> list[tuple[str, dic
                 ) from None
             if not isinstance(row, dict):
                 raise AttrctlError(f"{path}:{lineno}: expected a JSON object per line")
-            why = _missing(path, fields, list(row), "keys", hint)
+            why = _missing(fields, list(row), "keys", hint)
             if why:
                 raise AttrctlError(f"{path}:{lineno}: {why}")
-            rows.append((f"on line {lineno}", row))
+            rows.append((f"line {lineno}", row))
     return rows
 
 
 def _read_csv(path: Path, fields: list[str], hint: str) -> list[tuple[str, dict]]:
     reader = csv.DictReader(io.StringIO(_utf8(path, path.read_bytes()), newline=""))
     try:
-        why = _missing(path, fields, reader.fieldnames or [], "columns", hint)
+        why = _missing(fields, reader.fieldnames or [], "columns", hint)
         if why:
             raise AttrctlError(f"{path}: {why}")
-        return [(f"on line {reader.line_num}", {k: v or "" for k, v in row.items()})
+        return [(f"line {reader.line_num}", {k: v or "" for k, v in row.items()})
                 for row in reader]  # fmt: skip
     except csv.Error as err:  # a NUL byte, an overlong field, a stray quote
         raise AttrctlError(f"{path}:{reader.line_num}: not valid CSV ({err})") from None
@@ -307,14 +310,14 @@ def _read_parquet(path: Path, fields: list[str], hint: str) -> list[tuple[str, d
         schema = pq.read_schema(path)
     except Exception as err:  # pyarrow raises its own error types for corrupt files
         raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
-    why = _missing(path, fields, schema.names, "columns", hint)
+    why = _missing(fields, schema.names, "columns", hint)
     if why:
         raise AttrctlError(f"{path}: {why}")
     try:
         table = pq.read_table(path, columns=fields).to_pylist()
     except Exception as err:  # a damaged data page after a readable footer
         raise AttrctlError(f"{path}: not a readable parquet file: {err}") from None
-    return [(f"row {i}", row) for i, row in enumerate(table)]
+    return [(f"row {i}", row) for i, row in enumerate(table)]  # 0-based, as pyarrow counts
 
 
 def _read_hub(source: HubSource, fields: list[str] | None = None) -> tuple[list, str]:
@@ -331,7 +334,7 @@ def _read_hub(source: HubSource, fields: list[str] | None = None) -> tuple[list,
             f"data to a local file and use `kind: file`."
         ) from None
     hint = _TEMPLATE_HINT if fields is not None else _TEXT_HINT
-    why = _missing(Path(), fields or [source.text_field], ds.column_names, "columns", hint)
+    why = _missing(fields or [source.text_field], ds.column_names, "columns", hint)
     if why:
         raise AttrctlError(f"{where}: {why}")
     if fields is not None:
@@ -346,8 +349,11 @@ def _read_synth(path: Path, policy: Policy) -> tuple[list[str], str, int]:
     return [row["prompt"] + row["continuation"] for row in kept], where, dropped
 
 
-def _synth_rows(path: Path, policy: Policy) -> tuple[list[dict], str, int]:
-    """Rows of a synth file, its label, and how many flagged rows the filter objective dropped."""
+def _synth_rows(
+    path: Path, policy: Policy, *, filtered: bool = True
+) -> tuple[list[dict], str, int]:
+    """Rows of a synth file, its label, and how many flagged rows the filter objective dropped
+    (none when not ``filtered``)."""
     if not path.is_file():
         name = policy.source_path or policy.name
         raise AttrctlError(
@@ -359,7 +365,7 @@ def _synth_rows(path: Path, policy: Policy) -> tuple[list[dict], str, int]:
         if "prompt" not in row or "continuation" not in row:
             raise AttrctlError(f"{path}:{i}: synth row lacks `prompt`/`continuation`")
     kept = rows
-    if policy.finetune.objective == "filter":
+    if filtered and policy.finetune.objective == "filter":
         kept = []
         for i, row in enumerate(rows, 1):
             try:

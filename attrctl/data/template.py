@@ -13,8 +13,9 @@ alone, every other objective on the whole text. Labels come from a row field, or
 score of one (``label_oracle``: how attrctl builds a labelled set with no labelled corpus
 installed — the judge labels synthesized continuations).
 
-**The split.** Rows are grouped by ``split_by`` (each row alone without it), and a group is held
-out when a hash of its value falls under ``test_share``. The hash depends on nothing else — not
+**The split.** Rows are grouped by ``split_by`` (without it, each row is its own group, named by
+its content), and a group is held out when a hash of its value falls under ``test_share`` (so
+about that share of the groups, not exactly). The hash depends on nothing else — not
 the seed, not the policy — so every policy that templates the same rows trains on the same rows
 and is scored (``attrctl eval``'s ROC-AUC, :mod:`attrctl.eval.classify`) on the same held-out
 ones, and no held-out text shares a group (a prompt, say) with a training text.
@@ -23,8 +24,10 @@ ones, and no held-out text shares a group (a prompt, say) with a training text.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from attrctl.errors import AttrctlError
@@ -52,7 +55,12 @@ def needed_fields(template: Template) -> list[str]:
 
 
 def labelled_texts(
-    rows: Sequence[dict[str, Any]], template: Template, where: str
+    rows: Sequence[dict[str, Any]],
+    template: Template,
+    where: str,
+    *,
+    locations: Sequence[str] | None = None,
+    base_dir: Path | None = None,
 ) -> list[LabelledText]:
     """Every row templated and labelled (both sides of the split).
 
@@ -60,38 +68,46 @@ def labelled_texts(
         rows: the source's rows (dicts of field → value).
         template: the source's ``template``.
         where: the source, for messages (a file path, a hub dataset).
+        locations: per row, where it is in the source (``line 7``), for messages; default
+            ``row <n>``.
+        base_dir: what a ``label_oracle``'s relative paths resolve against (the policy's folder).
 
     Raises:
         AttrctlError: a row lacks a field the template reads, holds a value that is not text or
             a number there, or has a label that ``label_words`` has no words for.
     """
+    at = list(locations) if locations is not None else [f"row {i}" for i in range(1, len(rows) + 1)]
     for name in needed_fields(template):
-        for i, row in enumerate(rows, 1):
+        for i, row in enumerate(rows):
             if name not in row:
                 raise AttrctlError(
-                    f"{where}: row {i} has no field {name!r} that the template reads "
+                    f"{where}: {at[i]} has no field {name!r} that the template reads "
                     f"(fields: {', '.join(row) or 'none'})"
                 )
             if not isinstance(row[name], (str, int, float)) and row[name] is not None:
                 raise AttrctlError(
-                    f"{where}: row {i}: field {name!r} holds {type(row[name]).__name__}, not text "
+                    f"{where}: {at[i]}: field {name!r} holds {type(row[name]).__name__}, not text "
                     "or a number"
                 )
     if template.label_oracle is not None:
-        labels = _oracle_labels(rows, template)
+        labels = _oracle_labels(rows, template, base_dir)
     else:
-        labels = [_row_label(row, template, where, i) for i, row in enumerate(rows, 1)]
+        labels = [_row_label(row, template, f"{where}: {at[i]}") for i, row in enumerate(rows)]
     head = template.format[: -len("{" + LABEL + "}")]
+    fields = needed_fields(template)
     out = []
-    for i, (row, label) in enumerate(zip(rows, labels, strict=True)):
+    for row, label in zip(rows, labels, strict=True):
         values = {k: "" if v is None else str(v) for k, v in row.items() if isinstance(k, str)}
         prefix = head.format(**values)
-        group = values[template.split_by] if template.split_by is not None else f"row {i}"
+        if template.split_by is not None:
+            group = values[template.split_by]
+        else:  # the row's content, not its position: dropping a row moves no other
+            group = json.dumps([values[f] for f in fields], ensure_ascii=False)
         out.append(LabelledText(prefix, label, group))
     return out
 
 
-def _row_label(row: dict[str, Any], template: Template, where: str, i: int) -> str:
+def _row_label(row: dict[str, Any], template: Template, where: str) -> str:
     value = row[template.label_field]
     try:
         key = label_key(value)
@@ -99,16 +115,18 @@ def _row_label(row: dict[str, Any], template: Template, where: str, i: int) -> s
         key = None
     if key not in template.label_words:
         raise AttrctlError(
-            f"{where}: row {i}: label {value!r} in field {template.label_field!r} has no words in "
+            f"{where}: label {value!r} in field {template.label_field!r} has no words in "
             f"template.label_words (keys: {', '.join(map(repr, template.label_words))})"
         )
     return key
 
 
-def _oracle_labels(rows: Sequence[dict[str, Any]], template: Template) -> list[str]:
+def _oracle_labels(
+    rows: Sequence[dict[str, Any]], template: Template, base_dir: Path | None
+) -> list[str]:
     from attrctl.oracles import build_oracle
 
-    oracle = build_oracle(template.label_oracle)
+    oracle = build_oracle(template.label_oracle, base_dir=base_dir)
     texts = ["" if r[template.label_text] is None else str(r[template.label_text]) for r in rows]
     scores = oracle.score(texts) if texts else []
     return ["1" if float(s) >= template.label_threshold else "0" for s in scores]

@@ -20,7 +20,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from attrctl.sampling import prompt_token_ids
+from attrctl.data.mixture import labelled_ids
+from attrctl.data.template import LabelledText
+from attrctl.policy.schema import Template
 
 BATCH = 32
 
@@ -30,8 +32,8 @@ class HeldoutSet:
     """One templated source's held-out rows, ready to score."""
 
     source: str
-    template: Any
-    rows: list[Any]  # attrctl.data.template.LabelledText
+    template: Template
+    rows: list[LabelledText]
 
 
 def heldout_sets(policy: Any) -> list[HeldoutSet]:
@@ -59,6 +61,7 @@ def classification_results(
     tokenizer: Any,
     sets: Sequence[HeldoutSet],
     *,
+    seq_len: int,
     seed: int,
     resamples: int,
     bar: Any = None,
@@ -66,18 +69,23 @@ def classification_results(
     """``{source label: result}`` for every held-out set (:func:`heldout_sets`), else None.
 
     A result is ``{"roc_auc": {"value", "ci": [lo, hi]}, "texts", "positives", "groups",
-    "positive_label", "label_words"}``.
+    "positive_label", "label_words"}``; ``value`` and ``ci`` are null when the held-out rows have
+    one class only.
     """
     out = {}
     for s in sets:
         template, rows = s.template, s.rows
         scores = label_log_odds(
             model, tokenizer, [r.prefix for r in rows], template.label_words,
-            template.positive_label, bar=bar,
+            template.positive_label, max_len=seq_len - 1, bar=bar,
         )  # fmt: skip
         positive = np.array([r.label == template.positive_label for r in rows])
         groups = [r.group for r in rows]
         value, ci = roc_auc_ci(scores, positive, groups, seed=seed, resamples=resamples)
+        if value != value:  # NaN: one class only among the held-out rows; JSON has no NaN
+            value, ci = None, [None, None]
+        elif ci[0] != ci[0]:
+            ci = [None, None]
         out[s.source] = {
             "roc_auc": {"value": value, "ci": ci},
             "texts": len(rows),
@@ -97,31 +105,32 @@ def label_log_odds(
     label_words: dict[str, str],
     positive: str,
     *,
+    max_len: int,
     bar: Any = None,
 ) -> np.ndarray:
-    """The log-odds of ``positive``'s words after each prefix (see the module docstring)."""
+    """The log-odds of ``positive``'s words after each prefix (see the module docstring), each
+    text encoded as training encodes it (:func:`~attrctl.data.mixture.labelled_ids`: at most
+    ``max_len`` tokens, the prefix cut from the left)."""
     device = next(model.parameters()).device
-    words = {k: list(tokenizer(w, add_special_tokens=False)["input_ids"])
-             for k, w in label_words.items()}  # fmt: skip
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    logp = {k: [] for k in words}
+    logp: dict[str, list[float]] = {k: [] for k in label_words}
     for b in range(0, len(prefixes), BATCH):
-        heads = prompt_token_ids(tokenizer, prefixes[b : b + BATCH])  # an empty one: BOS/EOS
-        for k, w in words.items():
-            seqs = [h + w for h in heads]
-            width = max(map(len, seqs))
+        chunk = prefixes[b : b + BATCH]
+        for k, w in label_words.items():
+            seqs = [labelled_ids(tokenizer, p, w, max_len) for p in chunk]  # [(ids, n_words)]
+            width = max(len(ids) for ids, _ in seqs)
             ids = torch.full((len(seqs), width), pad, dtype=torch.long)  # [B, L] right-padded
             mask = torch.zeros_like(ids)
-            for r, seq in enumerate(seqs):
+            for r, (seq, _) in enumerate(seqs):
                 ids[r, : len(seq)] = torch.tensor(seq)
                 mask[r, : len(seq)] = 1
             logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
-            tgt = torch.tensor(w, device=device)
-            for r, h in enumerate(heads):  # the positions that predict the words: [len(w), V]
-                lp = torch.log_softmax(logits[r, len(h) - 1 : len(h) - 1 + len(w)].float(), -1)
+            for r, (seq, n) in enumerate(seqs):  # the positions that predict the words: [n, V]
+                lp = torch.log_softmax(logits[r, len(seq) - n - 1 : len(seq) - 1].float(), -1)
+                tgt = torch.tensor(seq[len(seq) - n :], device=device)
                 logp[k].append(float(lp.gather(1, tgt[:, None]).sum()))
         if bar is not None:
-            bar.update(len(heads))
+            bar.update(len(chunk))
     table = {k: np.array(v) for k, v in logp.items()}
     rest = [table[k] for k in table if k != positive]
     return table[positive] - np.logaddexp.reduce(np.stack(rest), axis=0)

@@ -239,8 +239,9 @@ def evaluate(
     n_cls = sum(len(s.rows) for s in cls_sets)
     bar = _bar(progress, "classification", n_cls, "row") if n_cls else None
     classification = classify.classification_results(
-        model, tok, cls_sets, seed=seed, resamples=settings.resamples, bar=bar
-    )
+        model, tok, cls_sets, seq_len=policy.finetune.seq_len, seed=seed,
+        resamples=settings.resamples, bar=bar,
+    )  # fmt: skip
     if bar is not None:
         bar.close()
 

@@ -66,9 +66,14 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         )
     for source, c in (result.get("classification") or {}).items():
         roc = c["roc_auc"]
+        if roc["value"] is None:
+            value = "n/a (the held-out rows have one label only)"
+        elif roc["ci"][0] is None:
+            value = f"{roc['value']:.3f}"
+        else:
+            value = f"{roc['value']:.3f} ({roc['ci'][0]:.3f}–{roc['ci'][1]:.3f})"
         lines.append(
-            f"classification ROC-AUC           {roc['value']:.3f} ({roc['ci'][0]:.3f}–"
-            f"{roc['ci'][1]:.3f}) on {c['texts']} held-out rows of {source} "
+            f"classification ROC-AUC           {value} on {c['texts']} held-out rows of {source} "
             f"({c['positives']} labelled {c['positive_label']!r}, {c['groups']} groups)"
         )
     gen = result["generation"]

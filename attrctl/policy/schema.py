@@ -74,7 +74,8 @@ class Template(StrictModel):
     also have `text` = prompt + continuation) and `{label}` by `label_words[label]`, which must
     close the format. Those label tokens are marked: `finetune.objective: classify` trains on them
     alone, every other objective on the whole text (the paper's "LLM loss"). Rows are split into
-    train and test by a hash of `split_by`, the same for every policy and seed; training reads the
+    train and test by a hash of `split_by` alone (about `test_share` of the groups held out, the
+    same ones for every policy and seed); training reads the
     train rows, `attrctl eval` scores the test rows' ROC-AUC (score: log-odds of the positive
     label's words)."""
 
@@ -86,8 +87,9 @@ class Template(StrictModel):
     )
     label_field: str = Field(
         "label",
-        description="The row's field holding the label; its values (as text: 1, true, toxic) are "
-        "`label_words`' keys. Ignored when `label_oracle` labels the rows.",
+        description="The row's field holding the label; its values are `label_words`' keys: whole "
+        "numbers and booleans as `1` / `true`, text as it is (stripped). Ignored when "
+        "`label_oracle` labels the rows.",
     )
     label_words: dict[str, str] = Field(
         ...,
@@ -97,8 +99,8 @@ class Template(StrictModel):
     )
     positive: str | None = Field(
         None,
-        description="The label value ROC-AUC treats as positive; default: the last of "
-        "`label_words`.",
+        description="The label value ROC-AUC treats as positive; default: `1` (or `true`), which "
+        "`label_words` must then have.",
     )
     label_oracle: OracleSpec | None = Field(
         None,
@@ -150,6 +152,11 @@ class Template(StrictModel):
                 "template.label_words: with label_oracle the labels are 0 and 1; give words for "
                 f"exactly those (got keys {', '.join(map(repr, self.label_words))})"
             )
+        if self.positive is None and not {"1", "true"} & set(self.label_words):
+            raise ValueError(
+                "template.positive: say which label ROC-AUC counts as positive (one of "
+                f"{', '.join(map(repr, self.label_words))}); only 1 and true are taken as it"
+            )
         if self.positive is not None and self.positive not in self.label_words:
             raise ValueError(
                 f"template.positive {self.positive!r} is not a key of label_words "
@@ -162,8 +169,10 @@ class Template(StrictModel):
 
     @property
     def positive_label(self) -> str:
-        """The label ROC-AUC counts as positive."""
-        return self.positive if self.positive is not None else list(self.label_words)[-1]
+        """The label ROC-AUC counts as positive: ``positive``, else ``1`` or ``true``."""
+        if self.positive is not None:
+            return self.positive
+        return "1" if "1" in self.label_words else "true"
 
 
 def label_key(value) -> str:
@@ -213,8 +222,17 @@ class _Templated(StrictModel):
     template: Template | None = Field(
         None,
         description="Build each example from a labelled row through a template (classification "
-        "fine-tuning; see `Template`); null: the row's text as it is.",
+        "fine-tuning; see `data[].template`); null: the row's text as it is.",
     )
+
+    @model_validator(mode="after")
+    def _template_reads_fields(self):
+        if self.template is not None and getattr(self, "text_field", "text") != "text":
+            raise ValueError(
+                "text_field is not read when a template builds the text; name the fields in "
+                "template.format instead"
+            )
+        return self
 
 
 class FileSource(_Templated, _SourceBase):
