@@ -21,11 +21,17 @@ done
 [ -f runs/eval/cls_base/eval.json ] ||
   $ATTRCTL eval bundled:smollm2-135m-instruct --policy toxicity_cls $EVAL_ARGS --out runs/eval/cls_base
 
+# Each result gets its row's name as its label; the table reads them from docs/.
 mkdir -p $OUT/evals
-cp runs/eval/cls_base/eval.json $OUT/evals/base.json
-for policy in toxicity_cls_sft toxicity_cls toxicity_cls_classify; do
-  cp "runs/$policy/eval.json" "$OUT/evals/$policy.json"
-done
+label() {  # eval.json out.json label
+  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
+json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' "$@"
+}
+label runs/eval/cls_base/eval.json $OUT/evals/base.json "base, zero-shot"
+label runs/toxicity_cls_sft/eval.json $OUT/evals/toxicity_cls_sft.json "SFT, LM loss"
+label runs/toxicity_cls/eval.json $OUT/evals/toxicity_cls.json "ours, LM loss"
+label runs/toxicity_cls_classify/eval.json $OUT/evals/toxicity_cls_classify.json \
+  "classification loss"
 E=$OUT/evals
 $ATTRCTL report $E/base.json $E/toxicity_cls_sft.json $E/toxicity_cls.json \
   $E/toxicity_cls_classify.json --out $OUT
