@@ -47,12 +47,13 @@ row mix21_t5 toxicity --set "$SYNTH" \
   --set regularization.per_domain.toxic=5
 row owntox_it2 toxicity --set "$SYNTH" --set 'regularization.own_samples.prompts=[toxic]' \
   --set schedule.iterations=2 --set finetune.steps=100
+row spp8 toxicity --set "$SYNTH" --set regularizer.samples_per_prompt=8
 [ -f $RUNS/base/eval.json ] ||
   $ATTRCTL eval bundled:smollm2-135m-instruct --policy toxicity $EVAL_ARGS -o $RUNS/base -q
 
 # Each result keeps its row's name as its label; the table and plot read them from docs/.
 mkdir -p $OUT/evals
-names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 default"
+names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 default"
 for name in $names; do
   python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
 json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' \
