@@ -48,12 +48,29 @@ row mix21_t5 toxicity --set "$SYNTH" \
 row owntox_it2 toxicity --set "$SYNTH" --set 'regularization.own_samples.prompts=[toxic]' \
   --set schedule.iterations=2 --set finetune.steps=100
 row spp8 toxicity --set "$SYNTH" --set regularizer.samples_per_prompt=8
+# Violation contexts as own-sample prompts: each synthesized continuation the training oracle
+# flags, cut after half its words, appended to its prompt (106 lines, one per line).
+MINED=$PWD/$RUNS/mined_prompts.txt
+[ -f "$MINED" ] || python3 - "$RUNS/default/data/synth.jsonl" "$MINED" <<'PY'
+import json, re, sys
+lines = []
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    if r["scores"]["toxicity"] < 0.5:
+        continue
+    words = list(re.finditer(r"\S+", r["continuation"]))
+    end = words[max(1, len(words) // 2) - 1].end()
+    lines.append(" ".join((r["prompt"] + r["continuation"][:end]).split()))
+open(sys.argv[2], "w").write("\n".join(dict.fromkeys(lines)) + "\n")
+PY
+row mined toxicity --set "$SYNTH" \
+  --set "regularization.own_samples.prompts=[toxic, neutral, $MINED]"
 [ -f $RUNS/base/eval.json ] ||
   $ATTRCTL eval bundled:smollm2-135m-instruct --policy toxicity $EVAL_ARGS -o $RUNS/base -q
 
 # Each result keeps its row's name as its label; the table and plot read them from docs/.
 mkdir -p $OUT/evals
-names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 default"
+names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 mined default"
 for name in $names; do
   python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
 json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' \
