@@ -65,12 +65,14 @@ open(sys.argv[2], "w").write("\n".join(dict.fromkeys(lines)) + "\n")
 PY
 row mined toxicity --set "$SYNTH" \
   --set "regularization.own_samples.prompts=[toxic, neutral, $MINED]"
+# The default on another seed (its own synthesized rows, heads, batches and own samples).
+row default_s1 toxicity --set seed=1 --set "data.0.path=$PWD/$RUNS/default_s1_synth.jsonl"
 [ -f $RUNS/base/eval.json ] ||
   $ATTRCTL eval bundled:smollm2-135m-instruct --policy toxicity $EVAL_ARGS -o $RUNS/base -q
 
 # Each result keeps its row's name as its label; the table and plot read them from docs/.
 mkdir -p $OUT/evals
-names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 mined default"
+names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 mined default_s1 default"
 for name in $names; do
   python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
 json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' \
