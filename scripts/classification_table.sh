@@ -23,10 +23,7 @@ done
 
 # Each result gets its row's name as its label; the table reads them from docs/.
 mkdir -p $OUT/evals
-label() {  # eval.json out.json label
-  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
-json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' "$@"
-}
+label() { python3 scripts/relabel.py "$@"; }  # eval.json out.json label
 label runs/eval/cls_base/eval.json $OUT/evals/base.json "base, zero-shot"
 label runs/toxicity_cls_sft/eval.json $OUT/evals/toxicity_cls_sft.json "SFT, LM loss"
 label runs/toxicity_cls/eval.json $OUT/evals/toxicity_cls.json "ours, LM loss"

@@ -74,8 +74,6 @@ row default_s1 toxicity --set seed=1 --set "data.0.path=$PWD/$RUNS/default_s1_sy
 mkdir -p $OUT/evals
 names="base sft lam30_soft lam30_own30 own10_rows8 own20 own25_gen0 tox5_own20 owntox owntox12 owntox_t5 mix21_t5 owntox_it2 spp8 mined default_s1 default"
 for name in $names; do
-  python3 -c 'import json, sys; d = json.load(open(sys.argv[1])); d["label"] = sys.argv[3]
-json.dump(d, open(sys.argv[2], "w"), indent=1, sort_keys=True)' \
-    "$RUNS/$name/eval.json" "$OUT/evals/$name.json" "$name"
+  python3 scripts/relabel.py "$RUNS/$name/eval.json" "$OUT/evals/$name.json" "$name"
 done
 $ATTRCTL report $(for n in $names; do echo "$OUT/evals/$n.json"; done) --out $OUT
